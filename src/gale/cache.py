@@ -1,0 +1,216 @@
+"""Rolling buffer KV cache, and the per-forward plan of who attends to what.
+
+Contract (the worked example uses capacity W=4, window W=4):
+
+* A sequence owns one *slot*: a buffer of `capacity` positions per layer, shaped
+  `[n_kv_heads, capacity, head_dim]` (KV heads only: grouped-query heads are never copied).
+* The key/value of absolute position p lives at buffer index `p % capacity`; newer positions
+  overwrite older ones. After 10 tokens, indices 0..3 hold positions 8, 9, 6, 7.
+* Keys are cached after RoPE, so buffer order never matters: each key keeps its own rotation.
+* Window: the query at position i sees keys at positions i-W+1 .. i (W keys, itself included).
+  With capacity == W, everything a new token may see is either in the buffer or in its own chunk.
+* A forward step adds C_b new tokens to each sequence b. Decode steps (every C_b == 1) write
+  first and attend over the buffer; prefill chunks attend over [buffer ; own chunk] and write
+  afterwards, keeping only the chunk's last `capacity` keys, so chunks longer than W work.
+* `capacity` may be set below the window (or the model may have no window) to bound memory;
+  then a sequence may not outgrow `capacity` tokens and `prepare` says so instead of forgetting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelArgs
+
+
+class CacheFullError(ValueError):
+    """A sequence would need positions the cache can no longer hold."""
+
+
+@dataclass
+class BatchMeta:
+    """Everything a forward over packed sequences needs besides the tokens.
+
+    Tokens of all sequences are concatenated (`N = sum(seqlens)`, no padding). Attention works
+    on a padded `[B, Cmax]` view built with `gather`; `mask` is `[B, 1, Cmax, n_keys]`.
+    """
+
+    seqlens: list[int]
+    positions: torch.Tensor  # [N] absolute positions, for RoPE
+    gather: torch.Tensor | None  # [B * Cmax] packed index of each padded row; None when all C_b are equal
+    scatter: torch.Tensor | None  # [N] padded row of each packed token; None when all C_b are equal
+    mask: torch.Tensor  # [B, 1, Cmax, n_cached (+ Cmax unless decode)] True = attend
+    slots: torch.Tensor | slice | None  # cache slots of the sequences (a slice when contiguous)
+    n_cached: int  # buffer entries to read (0 without a cache)
+    decode: bool  # write-then-attend over the buffer only
+    write_src: torch.Tensor | None  # [M] packed indices of the tokens whose K/V are stored
+    write_slot: torch.Tensor | None  # [M] their slot
+    write_idx: torch.Tensor | None  # [M] their buffer index (position % capacity)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seqlens)
+
+    @property
+    def max_len(self) -> int:
+        return max(self.seqlens)
+
+    @property
+    def last_index(self) -> torch.Tensor:
+        """Packed index of each sequence's last new token (where next-token logits come from)."""
+        return torch.tensor(self.seqlens, device=self.positions.device).cumsum(0) - 1
+
+
+def _buffer_positions(n_cached: torch.Tensor, n_keys: int, capacity: int) -> torch.Tensor:
+    """Absolute position held at buffer index s once `n_cached` tokens were written (-1 = empty)."""
+    s = torch.arange(n_keys, device=n_cached.device)
+    last = n_cached[:, None] - 1
+    pos = last - torch.remainder(last - s, capacity)
+    return torch.where(pos >= 0, pos, -1)
+
+
+def plan(
+    seqlens: list[int],
+    start: list[int],
+    window: int | None,
+    *,
+    capacity: int | None = None,
+    slots: list[int] | None = None,
+    device: torch.device | str = "cpu",
+) -> BatchMeta:
+    """Build the attention plan for sequences that already hold `start[b]` cached tokens.
+
+    Without `capacity`/`slots` there is no cache: each sequence attends causally to itself only.
+    """
+    if not seqlens or min(seqlens) < 1:
+        raise ValueError(f"every sequence needs at least one new token, got seqlens={seqlens}")
+    B, cmax = len(seqlens), max(seqlens)
+    dev = torch.device(device)
+    lens = torch.tensor(seqlens, device=dev)
+    start_t = torch.tensor(start, device=dev)
+    uniform = all(c == cmax for c in seqlens)
+
+    col = torch.arange(cmax, device=dev)
+    real = col[None, :] < lens[:, None]  # [B, Cmax]
+    q_col = torch.minimum(col[None, :], lens[:, None] - 1)  # pad rows mirror the last real query
+    q_pos = start_t[:, None] + q_col  # [B, Cmax]
+    positions = q_pos[real]
+
+    offsets = lens.cumsum(0) - lens
+    gather = scatter = None
+    if not uniform:
+        gather = (offsets[:, None] + q_col).reshape(-1)
+        scatter = (torch.arange(B, device=dev)[:, None] * cmax + col[None, :])[real]
+
+    decode = capacity is not None and cmax == 1
+    n_cached = 0
+    key_pos_parts = []
+    if capacity is not None:
+        filled = start_t + 1 if decode else start_t
+        n_cached = min(capacity, int(filled.max()))
+        if n_cached:
+            key_pos_parts.append(_buffer_positions(filled, n_cached, capacity))
+    if not decode:
+        new_pos = start_t[:, None] + col[None, :]
+        key_pos_parts.append(torch.where(real, new_pos, -1))
+    key_pos = torch.cat(key_pos_parts, dim=1)[:, None, :]  # [B, 1, K]
+
+    qp = q_pos[:, :, None]
+    mask = (key_pos >= 0) & (key_pos <= qp)
+    if window is not None:
+        mask &= key_pos > qp - window
+
+    write_src = write_slot = write_idx = None
+    slot_ix: torch.Tensor | slice | None = None
+    if capacity is not None:
+        assert slots is not None
+        slot_ix = (
+            slice(slots[0], slots[0] + B)
+            if slots == list(range(slots[0], slots[0] + B))
+            else torch.tensor(slots, device=dev)
+        )
+        keep = torch.clamp(lens, max=capacity)
+        keep_row = col[None, :] >= (lens - keep)[:, None]
+        sel = real & keep_row
+        write_src = (offsets[:, None] + col[None, :])[sel]
+        write_slot = torch.tensor(slots, device=dev)[:, None].expand(B, cmax)[sel]
+        write_idx = torch.remainder(start_t[:, None] + col[None, :], capacity)[sel]
+
+    return BatchMeta(
+        seqlens=list(seqlens),
+        positions=positions,
+        gather=gather,
+        scatter=scatter,
+        mask=mask[:, None],
+        slots=slot_ix,
+        n_cached=n_cached,
+        decode=decode,
+        write_src=write_src,
+        write_slot=write_slot,
+        write_idx=write_idx,
+    )
+
+
+class RollingCache:
+    """Fixed-size K/V buffers for `max_seqs` sequences; memory never grows with length."""
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        max_seqs: int,
+        capacity: int | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        limit = min(args.sliding_window, args.max_seq_len) if args.sliding_window else args.max_seq_len
+        self.capacity = min(capacity, limit) if capacity else limit
+        self.window = args.sliding_window
+        # A buffer at least as long as the window never forgets a key that is still visible.
+        self.rolls = self.window is not None and self.capacity >= self.window
+        shape = (max_seqs, args.n_kv_heads, self.capacity, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.lengths = [0] * max_seqs
+        self.device = torch.device(device)
+
+    @property
+    def max_seqs(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def reset(self, slot: int) -> None:
+        """Forget a sequence. Old entries need no zeroing: the mask never shows unwritten positions."""
+        self.lengths[slot] = 0
+
+    def prepare(self, slots: list[int], seqlens: list[int]) -> BatchMeta:
+        """Plan a forward that appends `seqlens[b]` tokens to slot `slots[b]`, and book them."""
+        start = [self.lengths[s] for s in slots]
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"a slot appears twice in one step: {slots}")
+        if not self.rolls:
+            for s, n, c in zip(slots, start, seqlens):
+                if n + c > self.capacity:
+                    raise CacheFullError(
+                        f"sequence in slot {s} would reach {n + c} tokens; this cache holds {self.capacity}"
+                    )
+        meta = plan(seqlens, start, self.window, capacity=self.capacity, slots=slots, device=self.device)
+        for s, c in zip(slots, seqlens):
+            self.lengths[s] += c
+        return meta
+
+    def keys_values(self, layer: int, meta: BatchMeta) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `n_cached` buffer entries of the batch's slots: `[B, n_kv_heads, n_cached, head_dim]`."""
+        n = meta.n_cached
+        return self.k[layer][meta.slots, :, :n], self.v[layer][meta.slots, :, :n]
+
+    def store(self, layer: int, meta: BatchMeta, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write packed new keys/values `[N, n_kv_heads, head_dim]` to their buffer indices."""
+        src = meta.write_src
+        self.k[layer][meta.write_slot, :, meta.write_idx] = k[src].to(self.k[layer].dtype)
+        self.v[layer][meta.write_slot, :, meta.write_idx] = v[src].to(self.v[layer].dtype)

@@ -1,0 +1,172 @@
+"""The Mistral transformer: one forward over packed, variable-length sequences.
+
+Parameter names and the RoPE layout are those of the official Mistral checkpoints
+(`layers.0.attention.wq.weight`, interleaved rotary pairs); the loaders in `gale.weights`
+convert every other format to them, so this file knows one layout only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import BatchMeta, RollingCache, plan
+from .config import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as the reference does) so bf16/fp16 runs keep their accuracy.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation angles for absolute positions `[N]` -> cos, sin `[N, 1, head_dim/2]` (fp32)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2j], x[2j+1]) of `x: [N, heads, head_dim]`, as Mistral's checkpoints expect."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    a, b = xf[..., 0], xf[..., 1]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        meta: BatchMeta,
+        cache: RollingCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        q = apply_rope(self.wq(x).view(n, self.n_heads, self.head_dim), *rope)
+        k = apply_rope(self.wk(x).view(n, self.n_kv_heads, self.head_dim), *rope)
+        v = self.wv(x).view(n, self.n_kv_heads, self.head_dim)
+
+        if meta.decode:
+            # One new token per sequence: store it, then attend over the buffer alone.
+            cache.store(layer, meta, k, v)
+            keys, values = cache.keys_values(layer, meta)
+            out = F.scaled_dot_product_attention(q[:, :, None], keys, values, meta.mask, enable_gqa=True)
+            return self.wo(out.reshape(n, -1))
+
+        keys, values = to_padded(k, meta), to_padded(v, meta)
+        if meta.n_cached:
+            old_k, old_v = cache.keys_values(layer, meta)
+            keys, values = torch.cat((old_k, keys), dim=2), torch.cat((old_v, values), dim=2)
+        out = F.scaled_dot_product_attention(to_padded(q, meta), keys, values, meta.mask, enable_gqa=True)
+        if cache is not None:
+            cache.store(layer, meta, k, v)  # after attending: a chunk longer than the buffer overwrites itself
+        return self.wo(from_padded(out, meta))
+
+
+def to_padded(x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+    """Packed `[N, heads, d]` -> `[B, heads, Cmax, d]` (pad rows copy a real row; the mask hides them)."""
+    if meta.gather is not None:
+        x = x[meta.gather]
+    return x.view(meta.batch_size, meta.max_len, *x.shape[1:]).transpose(1, 2)
+
+
+def from_padded(x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+    """`[B, heads, Cmax, d]` -> packed `[N, heads * d]`, dropping pad rows."""
+    x = x.transpose(1, 2).reshape(meta.batch_size * meta.max_len, -1)
+    return x if meta.scatter is None else x[meta.scatter]
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, rope, meta, cache, layer):  # noqa: ANN001, ANN201 - same as Attention.forward
+        h = x + self.attention(self.attention_norm(x), rope, meta, cache, layer)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    def hidden_states(self, tokens: torch.Tensor, meta: BatchMeta, cache: RollingCache | None) -> torch.Tensor:
+        """Final-norm hidden states `[N, dim]` of packed tokens `[N]`."""
+        if tokens.dim() != 1 or tokens.shape[0] != sum(meta.seqlens):
+            raise ValueError(f"tokens must be 1-D with sum(seqlens)={sum(meta.seqlens)} entries, got {tuple(tokens.shape)}")
+        if (meta.n_cached or meta.decode) and cache is None:
+            raise ValueError("this plan reads a KV cache but none was given")
+        rope = rope_cos_sin(meta.positions, self.args.head_dim, self.args.rope_theta)
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, meta, cache, i)
+        return self.norm(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(h, weight).float()
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        meta: BatchMeta | None = None,
+        cache: RollingCache | None = None,
+        *,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """fp32 logits `[N, vocab]` for every new token, or `[B, vocab]` for each sequence's last one.
+
+        Without `meta`, `tokens` is one fresh sequence attended in a single shot.
+        """
+        if meta is None:
+            meta = plan([tokens.shape[0]], [0], self.args.sliding_window, device=tokens.device)
+        h = self.hidden_states(tokens, meta, cache)
+        if last_only:
+            h = h[meta.last_index]
+        return self.logits(h)
