@@ -109,7 +109,7 @@ def test_batch_of_different_lengths_equals_reference(pair):
             for i, part in zip(active, logits.split([sizes[i] for i in active])):
                 out[i].append(part)
                 done[i] += sizes[i]
-    for i, s in enumerate(seqs):
+    for i in range(len(seqs)):
         assert_close(torch.cat(out[i]), refs[i][: done[i]])
     # every sequence now decodes one token per step, together, to the end of the longest
     with torch.no_grad():

@@ -83,7 +83,9 @@ class LLM:
         out = self.generate_ids([self.tokenizer.encode(p) for p in prompts], **sampling)
         return out[0] if isinstance(prompt, str) else out
 
-    def chat(self, messages: Messages | list[Messages], *, safe: bool = False, **sampling) -> Completion | list[Completion]:
+    def chat(
+        self, messages: Messages | list[Messages], *, safe: bool = False, **sampling
+    ) -> Completion | list[Completion]:
         """Answer one conversation (a list of {role, content}) or a list of them; `safe` adds the guardrail."""
         single = bool(messages) and isinstance(messages[0], dict)
         convs = [messages] if single else messages

@@ -139,7 +139,8 @@ class Transformer(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, meta: BatchMeta, cache: RollingCache | None) -> torch.Tensor:
         """Final-norm hidden states `[N, dim]` of packed tokens `[N]`."""
         if tokens.dim() != 1 or tokens.shape[0] != sum(meta.seqlens):
-            raise ValueError(f"tokens must be 1-D with sum(seqlens)={sum(meta.seqlens)} entries, got {tuple(tokens.shape)}")
+            n = sum(meta.seqlens)
+            raise ValueError(f"tokens must be 1-D with sum(seqlens)={n} entries, got shape {tuple(tokens.shape)}")
         if (meta.n_cached or meta.decode) and cache is None:
             raise ValueError("this plan reads a KV cache but none was given")
         rope = rope_cos_sin(meta.positions, self.args.head_dim, self.args.rope_theta)

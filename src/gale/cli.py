@@ -1,0 +1,157 @@
+"""The `gale` command line: generate, chat, info (heavier commands import their modules lazily)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+
+HELP_MODEL = "a Mistral folder (params.json), a Hugging Face folder (config.json) or a .gguf file; default: SmolLM2"
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help=HELP_MODEL)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--context-len", type=int, default=None,
+                   help="stop sequences at this many tokens (default: the model's context)")
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(a: argparse.Namespace) -> dict:
+    return dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
+                stop=a.stop)
+
+
+def _load(a: argparse.Namespace):  # noqa: ANN202 - gale.llm.LLM, imported lazily to keep --help fast
+    from .llm import load
+
+    return load(a.model, device=a.device, dtype=a.dtype, context_len=a.context_len)
+
+
+def _print_stream(pieces: Iterator[str]) -> None:
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    llm = _load(a)
+    _print_stream(llm.stream(a.prompt, **_sampling(a)))
+
+
+def _conversation(system: str | None) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}] if system else []
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    llm = _load(a)
+    history = _conversation(a.system)
+    if a.message is not None:  # one question, one answer
+        _print_stream(llm.stream(history + [{"role": "user", "content": a.message}], safe=a.safe, **_sampling(a)))
+        return
+    print("gale chat: /reset clears the conversation, /system TEXT sets the system prompt, /exit quits.",
+          file=sys.stderr)
+    system = a.system
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line.startswith("/system"):
+            system = line.removeprefix("/system").strip() or None
+        if line == "/reset" or line.startswith("/system"):
+            history = _conversation(system)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        answer = []
+        for piece in llm.stream(history, safe=a.safe, **_sampling(a)):
+            answer.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(answer)})
+
+
+def cmd_info(a: argparse.Namespace) -> None:
+    from .tokenizer import load_tokenizer
+    from .weights import describe_checkpoint, open_checkpoint
+
+    ckpt = open_checkpoint(a.model)
+    args = ckpt.args
+    tok = load_tokenizer(ckpt.path, gguf_metadata=ckpt.gguf_metadata)
+    rows = [
+        ("path", str(ckpt.path)),
+        ("format", ckpt.format),
+        ("architecture", "mistral (sliding window)" if args.sliding_window else "llama/mistral (full attention)"),
+        ("parameters", f"{args.n_params / 1e6:,.1f} M"),
+        ("layers / dim / hidden", f"{args.n_layers} / {args.dim} / {args.hidden_dim}"),
+        ("heads / kv heads / head_dim", f"{args.n_heads} / {args.n_kv_heads} / {args.head_dim}"),
+        ("sliding window", str(args.sliding_window or "none")),
+        ("context", str(args.max_seq_len)),
+        ("rope theta", f"{args.rope_theta:g}"),
+        ("tied embeddings", str(args.tie_embeddings)),
+        ("weights", describe_checkpoint(ckpt)),
+        ("tokenizer", f"{type(tok).__name__}, vocab {tok.vocab_size}, bos {tok.bos_id}, eos {tok.eos_id}"),
+        ("chat format", "Mistral [INST]" if tok.chat_template is None else "model's chat template"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gale", description="Run Mistral-7B-class models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="complete a prompt (raw text, no chat format)")
+    p.add_argument("prompt")
+    _model_flags(p)
+    _sampling_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with an instruct model (one MESSAGE, or interactive without it)")
+    p.add_argument("message", nargs="?", default=None)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--safe", action="store_true", help="prepend Mistral's guardrail system prompt")
+    _model_flags(p)
+    _sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="describe a checkpoint without loading it")
+    p.add_argument("model", nargs="?", default=None, help=HELP_MODEL)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.command == "info" and a.model is None:
+        from .llm import default_model_path
+
+        a.model = default_model_path()
+    try:
+        a.func(a)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"gale: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
