@@ -34,7 +34,8 @@ def _sampling(a: argparse.Namespace) -> dict:
 def _load(a: argparse.Namespace):  # noqa: ANN202 - gale.llm.LLM, imported lazily to keep --help fast
     from .llm import load
 
-    return load(a.model, device=a.device, dtype=a.dtype, context_len=a.context_len)
+    return load(a.model, device=a.device, dtype=a.dtype, context_len=a.context_len,
+                max_seqs=getattr(a, "max_seqs", 8))
 
 
 def _print_stream(pieces: Iterator[str]) -> None:
@@ -113,6 +114,17 @@ def cmd_info(a: argparse.Namespace) -> None:
         print(f"{k:<{width}}  {v}")
 
 
+def cmd_serve(a: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .server.app import serve
+
+    llm = _load(a)
+    name = a.served_model_name or Path(llm.path).name
+    print(f"gale: serving {name} on http://{a.host}:{a.port}/v1", file=sys.stderr)
+    serve(llm, host=a.host, port=a.port, model_name=name, api_key=a.api_key, max_queue=a.max_queue)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gale", description="Run Mistral-7B-class models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p)
     _sampling_flags(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _model_flags(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (all but /health)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients use (default: file name)")
+    p.add_argument("--max-seqs", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond max-seqs before 429")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="describe a checkpoint without loading it")
     p.add_argument("model", nargs="?", default=None, help=HELP_MODEL)

@@ -7,6 +7,14 @@ from dataclasses import dataclass, field
 import torch
 
 
+class ParamError(ValueError):
+    """An invalid sampling parameter; `param` names it (the server reports it in its 400)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class SamplingParams:
     """How one sequence picks its tokens. `temperature=0` is greedy; a seed makes sampling repeatable."""
@@ -40,7 +48,7 @@ class SamplingParams:
         ]
         for name, ok, why in checks:
             if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} {why}")
+                raise ParamError(name, f"{name}={getattr(self, name)!r} {why}")
 
     @property
     def greedy(self) -> bool:

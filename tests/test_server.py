@@ -1,0 +1,210 @@
+"""The OpenAI-compatible server on loopback, driven by the official `openai` client and raw HTTP."""
+
+import copy
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from gale.engine import Engine
+from gale.server.app import create_app
+
+NAME = "smollm2"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, app) -> None:
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def with_engine(llm, **kw):
+    """The same weights behind a fresh engine (own slots and limits)."""
+    other = copy.copy(llm)
+    other.engine = Engine(llm.model, llm.tokenizer, **kw)
+    return other
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_llm):
+    s = Server(create_app(with_engine(smollm2_llm, max_seqs=8), model_name=NAME))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_models_health_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("gale_requests_total", "gale_generated_tokens_total", "gale_running_sequences",
+                 "gale_waiting_sequences", "gale_tokens_per_second"):
+        assert name in text
+
+
+def test_chat_answers_and_matches_the_python_api(client, smollm2_llm):
+    r = client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=20, temperature=0)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].message.content == smollm2_llm.chat(QUESTION, max_tokens=20).text
+    assert r.usage.prompt_tokens == len(smollm2_llm.encode_chat(QUESTION))
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streamed_chat_equals_non_streamed(client):
+    kw = dict(model=NAME, messages=QUESTION, max_tokens=24, temperature=0)
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_completion_stop_and_length(client):
+    r = client.completions.create(model=NAME, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+    full = r.choices[0].text
+    stop = full.strip()[2:4]
+    r2 = client.completions.create(model=NAME, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[stop])
+    assert r2.choices[0].finish_reason == "stop"
+    assert r2.choices[0].text == full[: full.find(stop)]
+
+
+def test_n_and_seed_are_reproducible(client):
+    kw = dict(model=NAME, messages=[{"role": "user", "content": "Write a word."}], max_tokens=8, temperature=1.0)
+    a = client.chat.completions.create(**kw, n=3, seed=7)
+    b = client.chat.completions.create(**kw, n=3, seed=7)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+
+
+def test_safe_prompt_adds_the_guardrail(server):
+    body = {"model": NAME, "messages": QUESTION, "max_tokens": 1}
+    plain = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    safe = httpx.post(server.url + "/v1/chat/completions", json={**body, "safe_prompt": True}, timeout=60).json()
+    assert safe["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"] + 20
+
+
+def test_logprobs(client):
+    r = client.completions.create(model=NAME, prompt="The capital of France is", max_tokens=3, temperature=0,
+                                  logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == 3 and all(v <= 0 for v in lp.token_logprobs)
+    assert all(len(t) == 2 for t in lp.top_logprobs)
+    c = client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=3, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    assert len(c.choices[0].logprobs.content) == 3
+
+
+def test_concurrent_requests_equal_alone(server, client):
+    questions = [f"Name a colour and the number {i}." for i in range(16)]
+
+    def ask(q):
+        msgs = [{"role": "user", "content": q}]
+        return client.chat.completions.create(model=NAME, messages=msgs, max_tokens=10, temperature=0)
+
+    alone = [ask(q).choices[0].message.content for q in questions[:4]]
+    with ThreadPoolExecutor(16) as pool:
+        together = [r.choices[0].message.content for r in pool.map(ask, questions)]
+    assert together[:4] == alone
+
+
+def running(server) -> int:
+    text = httpx.get(server.url + "/metrics").text
+    return int(float(next(line.split()[1] for line in text.splitlines() if line.startswith("gale_running"))))
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+    body = {"model": NAME, "messages": QUESTION, "max_tokens": 2000, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                break
+    deadline = time.time() + 20
+    while running(server):
+        assert time.time() < deadline, "the abandoned stream kept its slot"
+        time.sleep(0.1)
+
+
+BAD = [
+    ({"model": NAME, "messages": QUESTION, "temperature": -1}, "temperature"),
+    ({"model": NAME, "messages": QUESTION, "top_p": 0}, "top_p"),
+    ({"model": NAME, "messages": QUESTION, "top_p": 1.5}, "top_p"),
+    ({"model": NAME, "messages": QUESTION, "max_tokens": 0}, "max_tokens"),
+    ({"model": NAME, "messages": QUESTION, "max_tokens": "many"}, "max_tokens"),
+    ({"model": NAME}, "messages"),
+    ({"messages": QUESTION}, "model"),
+    ({"model": NAME, "messages": []}, "messages"),
+    ({"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi " * 9000}]}, "messages"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD)
+def test_bad_chat_requests_get_a_4xx_naming_the_field(server, body, param):
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert 400 <= r.status_code < 500, r.text
+    err = r.json()["error"]
+    assert param in (err["param"] or "") + err["message"]
+
+
+def test_bad_requests_do_not_disturb_the_server(server, client):
+    post = server.url + "/v1/completions"
+    assert httpx.post(post, content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
+    r = httpx.post(post, json={"model": "gpt-9", "prompt": "hi"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    assert httpx.post(post, json={"model": NAME, "prompt": ""}).status_code == 400
+    assert httpx.post(post, json={"model": NAME, "prompt": "hi", "n": 0}).status_code == 400
+    r = client.completions.create(model=NAME, prompt="Hello", max_tokens=2)
+    assert r.usage.completion_tokens == 2
+
+
+def test_sse_ends_with_done(server):
+    body = {"model": NAME, "prompt": "Hello", "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(json.loads(line[6:])["object"] == "text_completion" for line in lines[:-1])
+
+
+def test_api_key_and_overload(smollm2_llm):
+    s = Server(create_app(with_engine(smollm2_llm, max_seqs=1), model_name=NAME, api_key="sekret", max_queue=0))
+    try:
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+        assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert httpx.get(s.url + "/health").status_code == 200
+        auth = {"Authorization": "Bearer sekret"}
+        body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 64, "ignore_eos": True}
+        with ThreadPoolExecutor(3) as pool:
+            codes = sorted(pool.map(lambda _: httpx.post(s.url + "/v1/completions", json=body, headers=auth,
+                                                         timeout=120).status_code, range(3)))
+        assert codes[0] == 200 and 429 in codes
+    finally:
+        s.stop()
