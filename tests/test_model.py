@@ -199,3 +199,18 @@ def test_bad_token_shape_is_rejected(pair):
     _, ours = pair
     with pytest.raises(ValueError, match="1-D"):
         ours(torch.zeros(2, 3, dtype=torch.long), plan([6], [0], 8))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(pair, tokens):
+    _, ours = pair
+    model = Transformer(ours.args)
+    model.load_state_dict(ours.state_dict())
+
+    def grads(flag: bool) -> list[torch.Tensor]:
+        model.zero_grad()
+        model.gradient_checkpointing = flag
+        model(tokens).logsumexp(-1).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(grads(False), grads(True)):
+        assert torch.allclose(a, b, atol=1e-5)

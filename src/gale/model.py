@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .cache import BatchMeta, RollingCache, plan
@@ -127,6 +128,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each layer in backward: memory for fine-tuning
 
     @property
     def dtype(self) -> torch.dtype:
@@ -145,8 +147,12 @@ class Transformer(nn.Module):
             raise ValueError("this plan reads a KV cache but none was given")
         rope = rope_cos_sin(meta.positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(tokens)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
-            h = layer(h, rope, meta, cache, i)
+            if recompute:
+                h = torch.utils.checkpoint.checkpoint(layer, h, rope, meta, None, i, use_reentrant=False)
+            else:
+                h = layer(h, rope, meta, cache, i)
         return self.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
