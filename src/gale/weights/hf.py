@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
-from ..config import ModelArgs
+from ..config import ModelArgs, from_hf_config
+from .checkpoint import Checkpoint, CheckpointError
+from .safetensors_files import SafetensorsIndex
 
 _LAYER_NAMES = {
     "self_attn.q_proj": "attention.wq",
@@ -74,3 +79,46 @@ def to_hf(name: str, tensor: torch.Tensor, args: ModelArgs) -> tuple[str, torch.
     elif name.endswith("attention.wk.weight"):
         tensor = permute_to_hf(tensor, args.n_kv_heads)
     return hf_name(name), tensor
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from e
+        return [folder / f for f in sorted(set(weight_map.values()))]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    if list(folder.glob("*.bin")):
+        raise CheckpointError(f"{folder}: only PyTorch .bin weights; convert them to safetensors first")
+    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def open_hf(folder: Path) -> Checkpoint:
+    try:
+        args = from_hf_config(json.loads((folder / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: cannot read model config ({e!r})") from e
+    index = SafetensorsIndex(_weight_files(folder))
+    ours: dict[str, str] = {}
+    ignored = []
+    for stored in index.entries:
+        name = canonical_name(stored)
+        if stored.endswith("rotary_emb.inv_freq") or (name == "output.weight" and args.tie_embeddings):
+            ignored.append(stored)  # buffers some exports carry, or an lm_head duplicating the tied embedding
+        else:
+            ours[name or stored] = stored
+    return Checkpoint(
+        path=folder, format="hf", args=args,
+        shapes={n: index.entries[s][1] for n, s in ours.items()},
+        storage={n: index.entries[s][2] for n, s in ours.items()},
+        files={n: index.entries[s][0] for n, s in ours.items()},
+        read=lambda name: from_hf(ours[name], index.read(ours[name]), args)[1],
+        ignored=tuple(ignored),
+    )

