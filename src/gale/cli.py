@@ -15,6 +15,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--context-len", type=int, default=None,
                    help="stop sequences at this many tokens (default: the model's context)")
+    p.add_argument("--lora", default=None, metavar="PATH", help="a LoRA adapter folder (from gale finetune) to apply")
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -27,15 +28,25 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling(a: argparse.Namespace) -> dict:
-    return dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
-                stop=a.stop)
+    """The sampling flags, validated before the model loads so a typo fails in milliseconds."""
+    from .sampling import SamplingParams
+
+    d = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
+             stop=a.stop)
+    SamplingParams(**d)
+    return d
 
 
 def _load(a: argparse.Namespace):  # noqa: ANN202 - gale.llm.LLM, imported lazily to keep --help fast
     from .llm import load
 
-    return load(a.model, device=a.device, dtype=a.dtype, context_len=a.context_len,
-                max_seqs=getattr(a, "max_seqs", 8))
+    llm = load(a.model, device=a.device, dtype=a.dtype, context_len=a.context_len,
+               max_seqs=getattr(a, "max_seqs", 8))
+    if a.lora:  # merged in place: inference runs at the base model's speed
+        from .lora import load_adapter
+
+        load_adapter(a.lora, llm.model, merge=True)
+    return llm
 
 
 def _print_stream(pieces: Iterator[str]) -> None:
@@ -45,8 +56,10 @@ def _print_stream(pieces: Iterator[str]) -> None:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    llm = _load(a)
-    _print_stream(llm.stream(a.prompt, **_sampling(a)))
+    if not a.prompt:
+        raise ValueError("prompt is empty")
+    sampling = _sampling(a)
+    _print_stream(_load(a).stream(a.prompt, **sampling))
 
 
 def _conversation(system: str | None) -> list[dict[str, str]]:
@@ -54,10 +67,11 @@ def _conversation(system: str | None) -> list[dict[str, str]]:
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
+    sampling = _sampling(a)
     llm = _load(a)
     history = _conversation(a.system)
     if a.message is not None:  # one question, one answer
-        _print_stream(llm.stream(history + [{"role": "user", "content": a.message}], safe=a.safe, **_sampling(a)))
+        _print_stream(llm.stream(history + [{"role": "user", "content": a.message}], safe=a.safe, **sampling))
         return
     print("gale chat: /reset clears the conversation, /system TEXT sets the system prompt, /exit quits.",
           file=sys.stderr)
@@ -80,7 +94,7 @@ def cmd_chat(a: argparse.Namespace) -> None:
             continue
         history.append({"role": "user", "content": line})
         answer = []
-        for piece in llm.stream(history, safe=a.safe, **_sampling(a)):
+        for piece in llm.stream(history, safe=a.safe, **sampling):
             answer.append(piece)
             print(piece, end="", flush=True)
         print()
@@ -152,6 +166,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seqs", type=int, default=16, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond max-seqs before 429")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("finetune", help="LoRA fine-tuning: DATA | --check DATA | merge ADAPTER --out DIR")
+    p.add_argument("data", nargs="*", metavar="DATA | merge ADAPTER", help="JSONL of {messages} or {text} lines")
+    p.add_argument("--check", action="store_true", help="validate DATA: report bad lines and token counts")
+    p.add_argument("--config", default=None, help="YAML with FinetuneConfig keys (flags override it)")
+    p.add_argument("--eval-data", default=None, help="held-out JSONL for periodic eval loss")
+    p.add_argument("--out", default=None, help="run folder (adapter, checkpoints, metrics) or merged checkpoint")
+    p.add_argument("--format", default="mistral", choices=("mistral", "hf"), help="merged checkpoint layout")
+    p.add_argument("--resume", default=None, help="checkpoint folder to continue from")
+    for flag, kind in (("rank", int), ("alpha", float), ("dropout", float), ("lr", float), ("weight-decay", float),
+                       ("warmup-steps", int), ("min-lr-ratio", float), ("epochs", float), ("steps", int),
+                       ("seq-len", int), ("grad-accum", int), ("max-grad-norm", float), ("eval-every", int),
+                       ("save-every", int), ("seed", int)):
+        p.add_argument(f"--{flag}", type=kind, default=None)
+    p.add_argument("--targets", nargs="+", default=None, help="LoRA layers among wq wk wv wo w1 w2 w3 (default all)")
+    p.add_argument("--schedule", default=None, choices=("cosine", "linear"))
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None)
+    _model_flags(p)
+    p.set_defaults(func=lambda a: __import__("gale.finetune", fromlist=["cli"]).cli(a))
+
+    from .eval import cli as eval_cli  # argparse only; the evaluator loads when the command runs
+
+    p = sub.add_parser("eval", help="the paper's benchmarks (MMLU ... GSM8K, HumanEval) or `eval perplexity FILE`")
+    eval_cli.add_arguments(p)
+    _model_flags(p)
+    p.set_defaults(func=lambda a: eval_cli.run(a, _load))
 
     p = sub.add_parser("info", help="describe a checkpoint without loading it")
     p.add_argument("model", nargs="?", default=None, help=HELP_MODEL)

@@ -87,7 +87,9 @@ class LLM:
         self, messages: Messages | list[Messages], *, safe: bool = False, **sampling
     ) -> Completion | list[Completion]:
         """Answer one conversation (a list of {role, content}) or a list of them; `safe` adds the guardrail."""
-        single = bool(messages) and isinstance(messages[0], dict)
+        if not messages:
+            raise ValueError("messages is empty")
+        single = isinstance(messages[0], dict)
         convs = [messages] if single else messages
         out = self.generate_ids([self.encode_chat(m, safe=safe) for m in convs], **sampling)
         return out[0] if single else out

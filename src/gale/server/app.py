@@ -91,7 +91,8 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, max_que
                            "model_not_found")
 
     def sampling(req: _Request, prompt_len: int, default_max: int | None, logprobs: int | None, i: int):
-        max_tokens = req.max_completion_tokens or req.max_tokens or default_max or llm.engine.context_len - prompt_len
+        given = next((m for m in (req.max_completion_tokens, req.max_tokens) if m is not None), None)
+        max_tokens = given if given is not None else default_max or llm.engine.context_len - prompt_len
         seed = None if req.seed is None else req.seed + i  # n > 1: distinct but reproducible choices
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         try:
@@ -106,6 +107,10 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, max_que
         handles: list[Handle] = []
         try:
             for p in prompts:
+                try:
+                    llm.engine.check_prompt(p)
+                except ValueError as e:
+                    raise APIError(400, str(e), param) from None
                 for i in range(req.n):
                     handles.append(runner.submit(p, sampling(req, len(p), default_max, logprobs, i)))
         except (ValueError, Overloaded) as e:
@@ -232,7 +237,7 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, max_que
         check_model(req)
         messages = [m.model_dump() for m in req.messages]
         try:
-            validate_messages(messages)
+            validate_messages(messages, alternate=tok.chat_template is None)
             prompt = encode_chat(tok, messages, safe=req.safe_prompt)
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None

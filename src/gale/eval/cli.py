@@ -1,0 +1,61 @@
+"""`gale eval TASK... --data TASK=PATH` and `gale eval perplexity FILE...` (argparse only at import)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("tasks", nargs="+", metavar="TASK",
+                   help="mmlu hellaswag winogrande piqa arc_easy arc_challenge naturalquestions triviaqa humaneval "
+                        "mbpp gsm8k math; or `perplexity FILE...`")
+    p.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
+                   help="the task's data file (.jsonl, .jsonl.gz, .json, .parquet) in its upstream layout")
+    p.add_argument("--fewshot", action="append", default=[], metavar="TASK=PATH",
+                   help="few-shot examples (e.g. MMLU's dev split); default: other records of the data file")
+    p.add_argument("--shots", action="append", default=[], metavar="TASK=N", help="override the paper's shots")
+    p.add_argument("--samples", action="append", default=[], metavar="TASK=K", help="override maj@k's k")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task")
+    p.add_argument("--output", "-o", default="eval-results", help="results.json/.md/.png and the resume cache")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature for maj@k")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per scoring forward")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per generated program")
+
+
+def _pairs(items: list[str], flag: str, cast: Callable[[str], Any] = str) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"{flag} expects TASK=VALUE, got {item!r}")
+        out[key] = cast(value)
+    return out
+
+
+def run(a: argparse.Namespace, load: Callable[[argparse.Namespace], Any]) -> None:
+    from .runner import Settings, perplexity, run_eval
+
+    if a.tasks[0] == "perplexity":
+        if len(a.tasks) < 2:
+            raise ValueError("usage: gale eval perplexity FILE [FILE...]")
+        lm = load(a)
+        for path in a.tasks[1:]:
+            print(json.dumps({"file": path, **perplexity(lm, Path(path).read_text(encoding="utf-8"))}))
+        return
+    data = _pairs(a.data, "--data")
+    missing = [t for t in a.tasks if t not in data]
+    if missing:
+        raise ValueError(f"no data for {', '.join(missing)}: pass --data TASK=PATH for each task")
+    lm = load(a)
+    settings = Settings(model=Path(str(getattr(lm, "path", a.model or "model"))).name, temperature=a.temperature,
+                        seed=a.seed, max_batch_tokens=a.batch_tokens, timeout=a.timeout)
+    report = run_eval(lm, a.tasks, data, output=a.output, fewshot=_pairs(a.fewshot, "--fewshot"),
+                      shots=_pairs(a.shots, "--shots", int), samples=_pairs(a.samples, "--samples", int),
+                      limit=a.limit, settings=settings)
+    print((Path(a.output) / "results.md").read_text(encoding="utf-8"), end="")
+    print(f"gale eval: wrote {a.output}/results.json ({len(report['tasks'])} tasks)")
