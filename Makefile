@@ -27,7 +27,7 @@ demo: $(VENV)/.setup
 	$(VENV)/bin/gale chat "$(QUESTION)"
 
 test: $(VENV)/.test
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest
 
 bench: $(VENV)/.setup
