@@ -42,3 +42,25 @@ def test_interactive_chat_keeps_history_and_resets(smollm2_path):
 def test_bad_input_exits_2_with_a_clear_message(smollm2_path, args, message):
     r = gale(*args)
     assert r.returncode == 2 and "gale: error:" in r.stderr and message in r.stderr, r.stderr
+
+
+def test_lora_flag_applies_the_adapter(smollm2_path, smollm2_llm, tmp_path):
+    import torch
+
+    from gale.llm import load
+    from gale.lora import LoraConfig, apply_lora, lora_layers, save_adapter
+
+    llm = load(smollm2_path, device="cpu", dtype="fp32", progress=False)
+    config = LoraConfig(rank=4, alpha=8, dropout=0.0, targets=("wq", "wv", "w2"))
+    apply_lora(llm.model, config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(llm.model).values():
+            layer.lora_b.normal_(0, 0.05)
+    save_adapter(tmp_path / "adapter", llm.model, config)
+    prompt = "The capital of France is"
+    expected = llm.generate(prompt, max_tokens=8).text
+    assert expected != smollm2_llm.generate(prompt, max_tokens=8).text  # the adapter really changes the answer
+    r = gale("generate", prompt, "--max-tokens", "8", "--lora", str(tmp_path / "adapter"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected + "\n"
