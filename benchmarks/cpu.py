@@ -364,7 +364,9 @@ COLUMNS = [("load_s", "load s", 2), ("prefill_tps", "prefill tok/s (512)", 1), (
 
 
 def table(results: dict[str, dict], a: argparse.Namespace) -> str:
-    cols = [c for c in COLUMNS if not (c[0].startswith("b") and int(c[0][1:-4]) not in a.batches)]
+    n = str(a.prompt_tokens)
+    cols = [(k, label.replace("512", n), d) for k, label, d in COLUMNS]
+    cols = [c for c in cols if not (c[0].startswith("b") and int(c[0][1:-4]) not in a.batches)]
     extra = [(f"b{b}_tps", f"tok/s B={b}", 1) for b in a.batches if b not in (8, 32)]
     cols = cols[:5] + extra + cols[5:]
     head = "| engine | " + " | ".join(c[1] for c in cols) + " |"
