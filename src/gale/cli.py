@@ -139,6 +139,61 @@ def cmd_serve(a: argparse.Namespace) -> None:
     serve(llm, host=a.host, port=a.port, model_name=name, api_key=a.api_key, max_queue=a.max_queue)
 
 
+def _moderation_jsonl(path: str) -> list[tuple[int, str | tuple[str, str]]]:
+    """Good lines of a moderation JSONL file as (line number, item); bad ones are reported on stderr."""
+    import json
+    from pathlib import Path
+
+    good = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                raise ValueError('expected {"prompt": non-empty string, "answer": optional string}')
+            answer = row.get("answer")
+            if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+                raise ValueError("answer must be a non-empty string when given")
+            good.append((n, row["prompt"] if answer is None else (row["prompt"], answer)))
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            print(f"gale: {path}: line {n}: {e}", file=sys.stderr)
+    return good
+
+
+def cmd_moderate(a: argparse.Namespace) -> None:
+    import json
+
+    from . import safety
+
+    if sum((a.text is not None, a.jsonl is not None, a.eval)) != 1:
+        raise ValueError("give exactly one of TEXT, --jsonl FILE or --eval")
+    if a.text is not None and not a.text.strip():
+        raise ValueError("text to moderate is empty")
+    if a.limit is not None and a.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {a.limit}")
+    if a.answer is not None and a.text is None:
+        raise ValueError("--answer goes with TEXT")
+    items = _moderation_jsonl(a.jsonl) if a.jsonl else []
+    llm = _load(a)
+    if a.eval:
+        print(safety.format_eval(safety.safety_eval(llm, limit=a.limit, threshold=a.threshold)))
+        return
+    if a.text is not None:
+        items = [(0, a.text if a.answer is None else (a.text, a.answer))]
+    good = []
+    for n, item in items:  # too long for the context: reported like a bad line, the rest still moderated
+        try:
+            safety.build_prompts(llm, item)
+            good.append(item)
+        except ValueError as e:
+            if a.text is not None:
+                raise
+            print(f"gale: {a.jsonl}: line {n}: {e}", file=sys.stderr)
+    for m in safety.moderate(llm, good, threshold=a.threshold) if good else []:
+        print(json.dumps(m.to_dict()), flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gale", description="Run Mistral-7B-class models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cli.add_arguments(p)
     _model_flags(p)
     p.set_defaults(func=lambda a: eval_cli.run(a, _load))
+
+    p = sub.add_parser("moderate", help="self-reflection moderation: TEXT [--answer A] | --jsonl FILE | --eval")
+    p.add_argument("text", nargs="?", default=None, help="a user prompt to moderate")
+    p.add_argument("--answer", default=None, help="moderate this answer to TEXT instead of TEXT alone")
+    p.add_argument("--jsonl", default=None, metavar="FILE", help='lines of {"prompt": ..., "answer": optional}')
+    p.add_argument("--eval", action="store_true", help="evaluate on the shipped labelled prompts (Markdown)")
+    p.add_argument("--limit", type=int, default=None, help="with --eval: this many prompts (balanced)")
+    p.add_argument("--threshold", type=float, default=0.5, help="flag when P(unacceptable) >= this")
+    _model_flags(p)
+    p.set_defaults(func=cmd_moderate)
 
     p = sub.add_parser("info", help="describe a checkpoint without loading it")
     p.add_argument("model", nargs="?", default=None, help=HELP_MODEL)

@@ -18,7 +18,7 @@ from ..chat import encode_chat, validate_messages
 from ..llm import LLM
 from ..sampling import ParamError, SamplingParams, TokenLogprob
 from .runner import EngineRunner, Handle, Overloaded, Update
-from .schemas import ChatRequest, CompletionRequest, _Request
+from .schemas import ChatRequest, CompletionRequest, ModerationRequest, _Request
 
 
 class APIError(Exception):
@@ -263,6 +263,24 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, max_que
         choices = [{"index": i, "message": {"role": "assistant", "content": u.text}, "finish_reason": u.finish_reason,
                     "logprobs": chat_logprobs(u.logprobs) if req.logprobs else None} for i, u in enumerate(results)]
         return {**base, "object": "chat.completion", "choices": choices, "usage": usage(results, [prompt])}
+
+    @app.post("/v1/moderations")
+    async def moderations(req: ModerationRequest) -> dict:
+        """OpenAI's moderation shape, scored by self-reflection (gale.safety); `model` is accepted and ignored."""
+        from .. import safety
+
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if not texts or any(not t.strip() for t in texts):
+            raise APIError(400, "input must be a non-empty string or list of non-empty strings", "input")
+        try:
+            mods = await asyncio.to_thread(safety.moderate, llm, texts)
+        except ValueError as e:
+            raise APIError(400, str(e), "input") from None
+        results = [{"flagged": m.flagged,
+                    "categories": {c: m.flagged and m.category == c for c in safety.HARM_CATEGORIES},
+                    "category_scores": m.category_scores, "unsafe_probability": m.unsafe_probability}
+                   for m in mods]
+        return {"id": f"modr-{uuid.uuid4().hex}", "model": model_name, "results": results}
 
     return app
 

@@ -39,3 +39,10 @@ class ChatRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     safe_prompt: bool = False
+
+
+class ModerationRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    input: str | list[str]
+    model: str | None = None
