@@ -168,3 +168,11 @@ def test_cli_single_text_and_usage_errors(smollm2_llm, monkeypatch, capsys):
                           (["moderate", "--answer", "a"], "exactly one")):
         assert main(args) == 2
         assert message in capsys.readouterr().err
+
+
+def test_moderated_chat_declines_flagged_prompts_and_otherwise_answers(smollm2_llm):
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    text, flag = safety.moderated_chat(smollm2_llm, question, threshold=0.0, max_tokens=8)  # everything flagged
+    assert flag is not None and flag.answer is None and text == safety.decline_message(flag)
+    text, flag = safety.moderated_chat(smollm2_llm, question, threshold=1.0, max_tokens=8)  # nothing flagged
+    assert flag is None and text == smollm2_llm.chat(question, max_tokens=8).text

@@ -70,6 +70,13 @@ def cmd_chat(a: argparse.Namespace) -> None:
     sampling = _sampling(a)
     llm = _load(a)
     history = _conversation(a.system)
+    if a.message is not None and a.moderate is not None:
+        from .safety import moderated_chat
+
+        text, _ = moderated_chat(llm, history + [{"role": "user", "content": a.message}], safe=a.safe,
+                                    threshold=a.moderate, **sampling)
+        print(text)
+        return
     if a.message is not None:  # one question, one answer
         _print_stream(llm.stream(history + [{"role": "user", "content": a.message}], safe=a.safe, **sampling))
         return
@@ -208,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("message", nargs="?", default=None)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--safe", action="store_true", help="prepend Mistral's guardrail system prompt")
+    p.add_argument("--moderate", type=float, nargs="?", const=0.5, default=None, metavar="THRESHOLD",
+                   help="self-moderate the message and the answer; decline when either is flagged (one-shot)")
     _model_flags(p)
     _sampling_flags(p)
     p.set_defaults(func=cmd_chat)

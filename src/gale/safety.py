@@ -166,6 +166,27 @@ def moderate(llm, items: Item | Sequence[Item], *, threshold: float = 0.5) -> li
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
+def decline_message(m: Moderation) -> str:
+    who = "request" if m.answer is None else "answer"
+    return f"I can't help with that: the {who} was flagged as {m.category.replace('_', ' ')} by self-moderation."
+
+
+def moderated_chat(llm, messages: list[dict[str, str]], *, safe: bool = False, threshold: float = 0.5,  # noqa: ANN001
+                   **sampling: Any) -> tuple[str, Moderation | None]:
+    """Answer a conversation, moderating the last user prompt before and the (prompt, answer) pair after.
+
+    Returns (text, the flagging Moderation or None): a flagged prompt is never answered, and a flagged answer
+    is replaced by a decline, so nothing unmoderated reaches the user (hence no streaming in this mode).
+    """
+    prompt = messages[-1]["content"]
+    (before,) = moderate(llm, prompt, threshold=threshold)
+    if before.flagged:
+        return decline_message(before), before
+    answer = llm.chat(messages, safe=safe, **sampling).text
+    (after,) = moderate(llm, (prompt, answer), threshold=threshold)
+    return (decline_message(after), after) if after.flagged else (answer, None)
+
+
 def load_dataset() -> list[dict[str, Any]]:
     """The shipped labelled prompts: {"prompt", "label": "safe"|"unsafe", "category": harm category or None}."""
     text = resources.files("gale").joinpath("data/safety_prompts.jsonl").read_text(encoding="utf-8")
