@@ -176,3 +176,10 @@ def test_moderated_chat_declines_flagged_prompts_and_otherwise_answers(smollm2_l
     assert flag is not None and flag.answer is None and text == safety.decline_message(flag)
     text, flag = safety.moderated_chat(smollm2_llm, question, threshold=1.0, max_tokens=8)  # nothing flagged
     assert flag is None and text == smollm2_llm.chat(question, max_tokens=8).text
+
+
+def test_gale_eval_safety_runs_the_safety_evaluation(smollm2_llm, monkeypatch, capsys):
+    monkeypatch.setattr("gale.cli._load", lambda a: smollm2_llm)
+    assert main(["eval", "safety", "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "refusal" in out and "precision" in out

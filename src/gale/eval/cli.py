@@ -12,7 +12,7 @@ from typing import Any
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("tasks", nargs="+", metavar="TASK",
                    help="mmlu hellaswag winogrande piqa arc_easy arc_challenge naturalquestions triviaqa humaneval "
-                        "mbpp gsm8k math; or `perplexity FILE...`")
+                        "mbpp gsm8k math; or `perplexity FILE...`; or `safety`")
     p.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
                    help="the task's data file (.jsonl, .jsonl.gz, .json, .parquet) in its upstream layout")
     p.add_argument("--fewshot", action="append", default=[], metavar="TASK=PATH",
@@ -46,6 +46,11 @@ def run(a: argparse.Namespace, load: Callable[[argparse.Namespace], Any]) -> Non
         lm = load(a)
         for path in a.tasks[1:]:
             print(json.dumps({"file": path, **perplexity(lm, Path(path).read_text(encoding="utf-8"))}))
+        return
+    if a.tasks == ["safety"]:  # moderation P/R/F1 and refusal rates on the shipped labelled set
+        from .. import safety
+
+        print(safety.format_eval(safety.safety_eval(load(a), limit=a.limit)))
         return
     data = _pairs(a.data, "--data")
     missing = [t for t in a.tasks if t not in data]
