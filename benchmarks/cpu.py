@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 CHAT_Q = "What is the capital of France?"
@@ -42,6 +43,16 @@ def rss_mb() -> float:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def single_stream(run: Callable[[list[int], int], tuple], ids: list[int], new_tokens: int,
+                  repeats: int) -> dict[str, float]:
+    """Batch-1 figures of any engine: `run(ids, n)` returns (time to first token, decode tok/s, ...);
+    one short warm-up, then medians over `repeats` runs."""
+    run(ids[:16], 4)
+    runs = [run(ids, new_tokens)[:2] for _ in range(repeats)]
+    ttft = median([t for t, _ in runs])
+    return {"ttft_s": ttft, "prefill_tps": len(ids) / ttft, "decode_tps": median([d for _, d in runs])}
 
 
 def batch_prompts(b: int) -> list[str]:
@@ -83,15 +94,9 @@ def run_gale(a: argparse.Namespace, job: dict) -> dict:
     t0 = time.perf_counter()
     llm = gale.load(a.model, device="cpu", dtype="fp32", max_seqs=1, progress=False)
     load_s = time.perf_counter() - t0
-    gale_single(llm.engine, job["long"][:16], 4)  # warm-up
-    ttft, dec = [], []
-    for _ in range(a.repeats):
-        t, d, _ = gale_single(llm.engine, job["long"], a.decode_tokens)
-        ttft.append(t)
-        dec.append(d)
+    figures = single_stream(lambda ids, k: gale_single(llm.engine, ids, k), job["long"], a.decode_tokens, a.repeats)
     text = llm.chat([{"role": "user", "content": CHAT_Q}], max_tokens=40).text
-    out = {"load_s": load_s, "ttft_s": median(ttft), "prefill_tps": len(job["long"]) / median(ttft),
-           "decode_tps": median(dec), "rss_mb": rss_mb(), "text": text}
+    out = {"load_s": load_s, **figures, "rss_mb": rss_mb(), "text": text}
     for b in a.batches:
         llm.engine = Engine(llm.model, llm.tokenizer, max_seqs=b)
         prompts = batch_prompts(b)
@@ -131,17 +136,11 @@ def run_llama(a: argparse.Namespace, job: dict) -> dict:
     llm = llama_cpp.Llama(model_path=str(a.model), n_ctx=2048, n_batch=512, n_threads=a.threads,
                           n_threads_batch=a.threads, verbose=False)
     load_s = time.perf_counter() - t0
-    single(llm, job["long"][:16], 4)
-    ttft, dec = [], []
-    for _ in range(a.repeats):
-        t, d = single(llm, job["long"], a.decode_tokens)
-        ttft.append(t)
-        dec.append(d)
+    figures = single_stream(lambda ids, k: single(llm, ids, k), job["long"], a.decode_tokens, a.repeats)
     llm.reset()
     resp = llm.create_chat_completion([{"role": "user", "content": CHAT_Q}], temperature=0.0, top_k=1,
                                       max_tokens=40, repeat_penalty=1.0)
-    return {"load_s": load_s, "ttft_s": median(ttft), "prefill_tps": len(job["long"]) / median(ttft),
-            "decode_tps": median(dec), "rss_mb": rss_mb(), "text": resp["choices"][0]["message"]["content"],
+    return {"load_s": load_s, **figures, "rss_mb": rss_mb(), "text": resp["choices"][0]["message"]["content"],
             "version": llama_cpp.__version__}
 
 
@@ -188,19 +187,13 @@ def run_hf(a: argparse.Namespace, job: dict) -> dict:
     model.eval()
     load_s = time.perf_counter() - t0
     tok = AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
-    hf_single(model, job["long"][:16], 4)
-    ttft, dec = [], []
-    for _ in range(a.repeats):
-        t, d = hf_single(model, job["long"], a.decode_tokens)
-        ttft.append(t)
-        dec.append(d)
+    figures = single_stream(lambda ids, k: hf_single(model, ids, k), job["long"], a.decode_tokens, a.repeats)
     chat_ids = tok.apply_chat_template([{"role": "user", "content": CHAT_Q}], add_generation_prompt=True,
                                        return_tensors="pt", return_dict=True)
     with torch.inference_mode():
         o = model.generate(**chat_ids, max_new_tokens=40, do_sample=False)
     text = tok.decode(o[0, chat_ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    out = {"load_s": load_s, "ttft_s": median(ttft), "prefill_tps": len(job["long"]) / median(ttft),
-           "decode_tps": median(dec), "rss_mb": rss_mb(), "text": text, "version": transformers.__version__}
+    out = {"load_s": load_s, **figures, "rss_mb": rss_mb(), "text": text, "version": transformers.__version__}
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -245,14 +238,8 @@ def run_synth_hf(a: argparse.Namespace, job: dict) -> dict:
     ids = job["synth"]
     with torch.inference_mode():
         head = last_logits_head(model(torch.tensor([ids])).logits[0, -1])
-    hf_single(model, ids[:16], 4)
-    ttft, dec = [], []
-    for _ in range(a.repeats):
-        t, d = hf_single(model, ids, a.synth_decode)
-        ttft.append(t)
-        dec.append(d)
-    return {"ttft_s": median(ttft), "prefill_tps": len(ids) / median(ttft), "decode_tps": median(dec),
-            "logits": head, "rss_mb": rss_mb()}
+    figures = single_stream(lambda ids, k: hf_single(model, ids, k), ids, a.synth_decode, a.repeats)
+    return {**figures, "logits": head, "rss_mb": rss_mb()}
 
 
 class _StubDecoder:
@@ -296,14 +283,8 @@ def run_synth_gale(a: argparse.Namespace, job: dict) -> dict:
     with torch.inference_mode():
         head = last_logits_head(model(torch.tensor(ids), last_only=True)[0])
     engine = Engine(model, _StubTokenizer(), max_seqs=1)
-    gale_single(engine, ids[:16], 4)
-    ttft, dec = [], []
-    for _ in range(a.repeats):
-        t, d, _ = gale_single(engine, ids, a.synth_decode)
-        ttft.append(t)
-        dec.append(d)
-    return {"ttft_s": median(ttft), "prefill_tps": len(ids) / median(ttft), "decode_tps": median(dec),
-            "logits": head, "rss_mb": rss_mb()}
+    figures = single_stream(lambda ids, k: gale_single(engine, ids, k), ids, a.synth_decode, a.repeats)
+    return {**figures, "logits": head, "rss_mb": rss_mb()}
 
 
 ENGINES = {"torch": run_torch, "gale": run_gale, "llama.cpp": run_llama, "transformers": run_hf,
