@@ -5,6 +5,17 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny random models: thread hand-offs cost more than the maths (10x on a busy 2-core box)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     from gale.llm import default_model_path

@@ -57,13 +57,7 @@ class FakeLM:
         return [SimpleNamespace(text=self.answer(p, seed)) for p in prompts]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and immune to thread contention on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def direct_logprob(model: Transformer, ctx: list[int], cont: list[int]) -> float:
