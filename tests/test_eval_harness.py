@@ -3,11 +3,12 @@
 from types import SimpleNamespace
 
 import pytest
-from test_eval import DATA, FakeLM, direct_logprob, one_thread  # noqa: F401 - autouse fixture
+from test_eval import DATA, FakeLM, direct_logprob
 
 from gale.eval.runner import run_eval
 
 lm_eval = pytest.importorskip("lm_eval")
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def test_simple_evaluate_agrees_with_gale_eval(tmp_path):
