@@ -52,11 +52,11 @@ def test_lora_flag_applies_the_adapter(smollm2_path, smollm2_llm, tmp_path):
 
     llm = load(smollm2_path, device="cpu", dtype="fp32", progress=False)
     config = LoraConfig(rank=4, alpha=8, dropout=0.0, targets=("wq", "wv", "w2"))
+    torch.manual_seed(0)  # lora_a is drawn at apply time: seed it too, or the answer depends on earlier tests
     apply_lora(llm.model, config)
-    torch.manual_seed(0)
     with torch.no_grad():
         for layer in lora_layers(llm.model).values():
-            layer.lora_b.normal_(0, 0.05)
+            layer.lora_b.normal_(0, 0.2)
     save_adapter(tmp_path / "adapter", llm.model, config)
     prompt = "The capital of France is"
     expected = llm.generate(prompt, max_tokens=8).text
