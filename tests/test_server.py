@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -13,6 +14,7 @@ import pytest
 import uvicorn
 
 from gale.engine import Engine
+from gale.scoring import score_continuations
 from gale.server.app import create_app
 
 NAME = "smollm2"
@@ -124,6 +126,79 @@ def test_logprobs(client):
     c = client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=3, temperature=0, logprobs=True,
                                        top_logprobs=2)
     assert len(c.choices[0].logprobs.content) == 3
+
+
+def test_echo_scores_the_prompt_as_the_model_does(server, smollm2_llm):
+    tok = smollm2_llm.tokenizer
+    ids = tok.encode("The capital of France is Paris. It is a big city")
+    body = {"model": NAME, "prompt": [ids], "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
+    scores = score_continuations(smollm2_llm.model, [(ids[:i], [ids[i]]) for i in range(1, len(ids))])
+    assert lp["token_logprobs"][1:-1] == pytest.approx([s.total for s in scores], abs=1e-4)
+    # lm-eval's greedy test: the token's logprob equals the best of its top-1 alternatives
+    assert [t == max(top.values()) for t, top in zip(lp["token_logprobs"][1:-1], lp["top_logprobs"][1:-1])] == [
+        s.greedy for s in scores]
+    text, offsets = choice["text"], lp["text_offset"]
+    assert text.startswith(tok.decode(ids)) and len(offsets) == len(ids) + 1
+    assert [text[a:b] for a, b in zip(offsets, offsets[1:] + [len(text)])] == lp["tokens"]
+
+    body.update(max_tokens=0, logprobs=0)  # scoring only
+    only = httpx.post(server.url + "/v1/completions", json=body, timeout=120).json()["choices"][0]
+    assert only["text"] == tok.decode(ids) and only["logprobs"]["token_logprobs"] == lp["token_logprobs"][:-1]
+
+
+def test_token_id_prompts_are_checked(server, client):
+    post = server.url + "/v1/completions"
+    for prompt in ([[1, 2], []], [5, 10**9], [[-1]]):
+        r = httpx.post(post, json={"model": NAME, "prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    r = httpx.post(post, json={"model": NAME, "prompt": "hi", "echo": True, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+    r = client.completions.create(model=NAME, prompt=[[1, 2, 3], [4, 5]], max_tokens=2, temperature=0)
+    assert len(r.choices) == 2 and r.usage.prompt_tokens == 5
+
+
+def test_tokenizer_endpoints(server, smollm2_llm):
+    tok = smollm2_llm.tokenizer
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert info["eos_token"] == tok.id_to_piece(tok.eos_id) and info["chat_template"] == tok.chat_template
+    r = httpx.post(server.url + "/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}).json()
+    assert r["tokens"] == [tok.eos_id]
+    r = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world", "add_special_tokens": False}).json()
+    assert r["tokens"] == tok.encode("Hello world", bos=False)
+    assert httpx.post(server.url + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "Hello world"
+    assert httpx.post(server.url + "/detokenize", json={"tokens": [10**9]}).status_code == 400
+
+
+def test_lm_eval_local_completions_end_to_end(server, smollm2_llm):
+    """lm-evaluation-harness's own OpenAI client scores a local task through echo + logprobs."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    data = Path(__file__).parent / "data" / "eval" / "piqa.jsonl"
+    task = {"task": "tiny_piqa", "dataset_path": "json", "test_split": "test",
+            "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "doc_to_text": "Question: {{goal}}\nAnswer:", "doc_to_target": "{{label}}",
+            "doc_to_choice": "{{[sol1, sol2]}}", "output_type": "multiple_choice",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
+    args = (f"model={NAME},base_url={server.url}/v1/completions,tokenizer_backend=remote,"
+            "tokenized_requests=True,num_concurrent=1,max_retries=1")
+    out = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=[task], bootstrap_iters=0,
+                                  task_manager=TaskManager(include_defaults=False), verbosity="ERROR",
+                                  log_samples=True)
+    tok = smollm2_llm.tokenizer
+    pairs, got = [], []
+    for sample in out["samples"]["tiny_piqa"]:
+        for (context, continuation), ((ll, _),) in zip(sample["arguments"], sample["resps"]):
+            ctx = tok.encode(context, bos=False)
+            pairs.append((ctx, tok.encode(context + continuation, bos=False)[len(ctx):]))
+            got.append(ll)
+    assert len(got) == 4
+    assert got == pytest.approx([s.total for s in score_continuations(smollm2_llm.model, pairs)], abs=1e-3)
 
 
 def test_concurrent_requests_equal_alone(server, client):

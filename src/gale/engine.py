@@ -125,9 +125,12 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------------
     def check_prompt(self, prompt: list[int]) -> None:
-        """Raise ValueError unless the prompt leaves room for at least one new token."""
+        """Raise ValueError unless the prompt is valid token ids leaving room for at least one new token."""
         if not prompt:
             raise ValueError("prompt is empty")
+        vocab = self.model.args.vocab_size
+        if bad := [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]:
+            raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
         if len(prompt) >= self.context_len:
             raise ValueError(
                 f"prompt has {len(prompt)} tokens but the context holds {self.context_len}: "

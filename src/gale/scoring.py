@@ -1,4 +1,4 @@
-"""Log-likelihood scoring: what evaluation, moderation and the server's prompt logprobs share.
+"""Log-likelihood scoring: what evaluation, moderation and the server's prompt logprobs (echo) share.
 
 Scoring needs no cache: each (context, continuation) pair is one fresh sequence, and many of them
 are packed into one forward. Identical inputs (e.g. a question scored against single-token answers
@@ -7,14 +7,16 @@ A/B/C/D) are computed once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from .cache import RollingCache, plan
 from .model import Transformer
+from .sampling import TokenLogprob
 
 
 @dataclass
@@ -101,27 +103,40 @@ def sequence_logprobs(model: Transformer, ids: list[int], *, chunk: int | None =
     length, memory flat. A full-attention model uses overlapping windows of its context (each
     scored token keeps at least half a context of history).
     """
+    return [lp for logp, targets in _next_token_logprobs(model, ids, chunk)
+            for lp in logp.gather(1, targets[:, None])[:, 0].tolist()]
+
+
+@torch.inference_mode()
+def prompt_logprobs(model: Transformer, ids: list[int], top: int) -> list[TokenLogprob]:
+    """Per token of ids[1:]: its log-probability and the `top` most likely tokens there (the server's echo)."""
+    out = []
+    for logp, targets in _next_token_logprobs(model, ids, None):
+        best = logp.topk(top, dim=-1) if top else None
+        for j, t in enumerate(targets.tolist()):
+            alts = list(zip(best.indices[j].tolist(), best.values[j].tolist())) if best is not None else []
+            out.append(TokenLogprob(t, float(logp[j, t]), alts))
+    return out
+
+
+def _next_token_logprobs(model: Transformer, ids: list[int], chunk: int | None) -> Iterator[tuple[Tensor, Tensor]]:
+    """(log-softmax rows `[n, vocab]`, the tokens they predict `[n]`), piece by piece over ids[1:]."""
     args = model.args
     if len(ids) < 2:
-        return []
+        return
     if args.sliding_window is not None:
         chunk = chunk or args.sliding_window
         cache = RollingCache(args, 1, device=model.device, dtype=model.dtype)
-        out: list[float] = []
         for s in range(0, len(ids) - 1, chunk):
             piece = ids[s : min(s + chunk, len(ids) - 1)]
             logits = model(torch.tensor(piece, device=model.device), cache.prepare([0], [len(piece)]), cache)
-            targets = torch.tensor(ids[s + 1 : s + 1 + len(piece)], device=model.device)
-            out += logits.log_softmax(-1).gather(1, targets[:, None])[:, 0].tolist()
-        return out
+            yield logits.log_softmax(-1), torch.tensor(ids[s + 1 : s + 1 + len(piece)], device=model.device)
+        return
     window = args.max_seq_len
-    out, pos = [], 1
+    pos = 1
     while pos < len(ids):
         end = min(len(ids), window if pos == 1 else pos + window // 2)
         a = max(0, end - window)
-        inp = torch.tensor(ids[a : end - 1], device=model.device)
-        logp = model(inp)[pos - 1 - a :].log_softmax(-1)
-        targets = torch.tensor(ids[pos:end], device=model.device)
-        out += logp.gather(1, targets[:, None])[:, 0].tolist()
+        logits = model(torch.tensor(ids[a : end - 1], device=model.device))[pos - 1 - a :]
+        yield logits.log_softmax(-1), torch.tensor(ids[pos:end], device=model.device)
         pos = end
-    return out

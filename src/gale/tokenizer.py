@@ -71,6 +71,15 @@ class Tokenizer:
         """A streaming detokenizer; `context` (e.g. the prompt) makes the first piece read as its continuation."""
         return StreamDecoder(self, context)
 
+    def token_text(self, token_id: int) -> str:
+        """The text one token adds after other text (its leading space kept, which decoding it alone drops)."""
+        anchor = self._anchor()
+        return self.decode([anchor, token_id])[len(self.decode([anchor])):]
+
+    @cache  # noqa: B019 - one entry per tokenizer, which lives as long as its model
+    def _anchor(self) -> int:
+        return self._encode("a")[-1]
+
     def _encode(self, text: str) -> list[int]:
         raise NotImplementedError
 

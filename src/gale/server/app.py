@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -17,8 +18,16 @@ from starlette.exceptions import HTTPException
 from ..chat import encode_chat, validate_messages
 from ..llm import LLM
 from ..sampling import ParamError, SamplingParams, TokenLogprob
+from ..scoring import prompt_logprobs
 from .runner import EngineRunner, Handle, Overloaded, Update
-from .schemas import ChatRequest, CompletionRequest, ModerationRequest, _Request
+from .schemas import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModerationRequest,
+    TokenizeRequest,
+    _Request,
+)
 
 
 class APIError(Exception):
@@ -75,6 +84,31 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, max_que
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "gale"}]}
+
+    # vLLM's tokenizer endpoints: lm-evaluation-harness's `local-completions` tokenizes through them.
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        def text(i: int | None) -> str | None:
+            return None if i is None else tok.id_to_piece(i)
+
+        return {"bos_token": text(tok.bos_id), "eos_token": text(tok.eos_id), "pad_token": None,
+                "add_bos_token": tok.add_bos, "chat_template": tok.chat_template,
+                "model_max_length": llm.engine.context_len, "vocab_size": tok.vocab_size}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict:
+        special = tok.token_to_id(req.prompt)  # a control token's own text (lm-eval asks for "</s>")
+        if special is not None and special in (tok.bos_id, tok.eos_id, *tok.stop_ids):
+            ids = [special]
+        else:
+            ids = tok.encode(req.prompt, bos=None if req.add_special_tokens else False)
+        return {"tokens": ids, "count": len(ids), "max_model_len": llm.engine.context_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict:
+        if bad := [t for t in req.tokens if not 0 <= t < tok.vocab_size]:
+            raise APIError(400, f"token ids outside the vocabulary [0, {tok.vocab_size}): {bad[:5]}", "tokens")
+        return {"prompt": tok.decode(req.tokens)}
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -173,12 +207,14 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, max_que
             for h in handles:
                 runner.cancel(h)
 
-    def piece(token_id: int) -> str:
-        return tok.decode([token_id])
+    piece = tok.token_text
 
-    def completion_logprobs(lps: list[TokenLogprob]) -> dict:
-        return {"tokens": [piece(lp.token_id) for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{piece(t): v for t, v in lp.top} for lp in lps], "text_offset": []}
+    def completion_logprobs(ids: list[int], lps: list[TokenLogprob | None], offsets: list[int] | None = None) -> dict:
+        """OpenAI's legacy logprobs; an echoed prompt's first token has none (None entries)."""
+        return {"tokens": [piece(t) for t in ids],
+                "token_logprobs": [lp.logprob if lp else None for lp in lps],
+                "top_logprobs": [{piece(t): v for t, v in lp.top} if lp else None for lp in lps],
+                "text_offset": offsets or []}
 
     def chat_logprobs(lps: list[TokenLogprob]) -> dict:
         def entry(t: int, v: float) -> dict:
@@ -208,29 +244,63 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, max_que
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):  # noqa: ANN201
         check_model(req)
-        if req.echo:
-            raise APIError(400, "echo is not supported yet", "echo")
-        raw = req.prompt
-        if isinstance(raw, list) and raw and all(isinstance(x, int) for x in raw):
-            prompts = [list(raw)]
-        else:
-            texts = [raw] if isinstance(raw, str) else raw
-            if not texts or any(not t for t in texts):
-                raise APIError(400, "prompt must be a non-empty string or list of non-empty strings", "prompt")
-            prompts = [tok.encode(t) for t in texts]
-        handles = submit(prompts, req, 16, req.logprobs, "prompt")
+        prompts = completion_prompts(req.prompt)
+        if req.echo and req.stream:
+            raise APIError(400, "echo with stream is not supported: ask for one of them", "echo")
+        score_only = req.echo and req.max_tokens == 0  # OpenAI's way to get the prompt's logprobs alone
+        handles = [] if score_only else submit(prompts, req, 16, req.logprobs, "prompt")
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
 
-        def choice(i: int, u: Update) -> dict:
-            lp = completion_logprobs(u.logprobs) if req.logprobs is not None else None
-            return {"index": i, "text": u.text, "finish_reason": u.finish_reason, "logprobs": lp}
-
         if req.stream:
-            return StreamingResponse(stream_events(handles, lambda i, u: {**base, "choices": [choice(i, u)]}),
-                                     media_type="text/event-stream")
-        results = await collect(request, handles)
+            def chunk(i: int, u: Update) -> dict:
+                lp = completion_logprobs(u.token_ids, u.logprobs) if req.logprobs is not None else None
+                return {**base, "choices": [{"index": i, "text": u.text, "finish_reason": u.finish_reason,
+                                             "logprobs": lp}]}
+
+            return StreamingResponse(stream_events(handles, chunk), media_type="text/event-stream")
+        results = [Update("", [], [], "length") for _ in prompts for _ in range(req.n)] if score_only else \
+            await collect(request, handles)
+        prompt_texts = [tok.decode(p) for p in prompts]
+        prompt_lps: list[list[TokenLogprob | None]] = [[] for _ in prompts]
+        if req.echo and req.logprobs is not None:  # the model scores the prompt too (lm-eval's loglikelihood)
+            prompt_lps = [[None, *await runner.call(functools.partial(prompt_logprobs, llm.model, p, req.logprobs))]
+                          for p in prompts]
+
+        def choice(i: int, u: Update) -> dict:
+            p = i // req.n
+            lp = None
+            if req.logprobs is not None and req.echo:
+                lp = completion_logprobs(prompts[p] + u.token_ids, prompt_lps[p] + u.logprobs,
+                                         text_offsets(prompts[p] + u.token_ids, [], 0))
+            elif req.logprobs is not None:
+                lp = completion_logprobs(u.token_ids, u.logprobs,
+                                         text_offsets(u.token_ids, prompts[p], len(prompt_texts[p])))
+            text = prompt_texts[p] + u.text if req.echo else u.text
+            return {"index": i, "text": text, "finish_reason": u.finish_reason, "logprobs": lp}
+
         return {**base, "choices": [choice(i, u) for i, u in enumerate(results)], "usage": usage(results, prompts)}
+
+    def completion_prompts(raw: str | list) -> list[list[int]]:
+        """Token-id prompts of a completion request: text, texts, token ids or lists of token ids."""
+        if isinstance(raw, list) and raw and all(isinstance(x, int) for x in raw):
+            return [list(raw)]
+        if isinstance(raw, list) and raw and all(isinstance(x, list) for x in raw):
+            if any(not x for x in raw):
+                raise APIError(400, "a prompt of token ids is empty", "prompt")
+            return [list(x) for x in raw]
+        texts = [raw] if isinstance(raw, str) else raw
+        if not texts or any(not isinstance(t, str) or not t for t in texts):
+            raise APIError(400, "prompt must be a non-empty string, a list of them, or token ids", "prompt")
+        return [tok.encode(t) for t in texts]
+
+    def text_offsets(ids: list[int], context: list[int], start: int) -> list[int]:
+        """Where each token's text starts in the returned text (tokens that end inside a character share it)."""
+        decoder, out, pos = tok.decoder(context), [], start
+        for t in ids:
+            out.append(pos)
+            pos += len(decoder.push(t))
+        return out
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):  # noqa: ANN201
@@ -273,7 +343,7 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, max_que
         if not texts or any(not t.strip() for t in texts):
             raise APIError(400, "input must be a non-empty string or list of non-empty strings", "input")
         try:
-            mods = await asyncio.to_thread(safety.moderate, llm, texts)
+            mods = await runner.call(functools.partial(safety.moderate, llm, texts))
         except ValueError as e:
             raise APIError(400, str(e), "input") from None
         results = [{"flagged": m.flagged,

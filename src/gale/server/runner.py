@@ -12,10 +12,14 @@ import asyncio
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ..engine import Engine, Sequence
 from ..sampling import SamplingParams, TokenLogprob
+
+T = TypeVar("T")
 
 
 class Overloaded(RuntimeError):
@@ -91,6 +95,13 @@ class EngineRunner:
         self._send(("add", handle))
         return handle
 
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread between two steps: the model is only ever used from that thread."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._send(("call", (fn, loop, future)))
+        return await future
+
     def cancel(self, handle: Handle) -> None:
         if not handle.done:
             self._send(("cancel", handle))
@@ -113,13 +124,20 @@ class EngineRunner:
             self._outstanding -= 1
         handle.push(update)
 
-    def _apply(self, kind: str, handle: Handle) -> None:
-        if kind == "add":
-            handle.seq = self.engine.add(handle.prompt, handle.params)
-            self._by_seq[handle.seq.id] = handle
-        elif kind == "cancel" and not handle.done:
-            self.engine.cancel(handle.seq)
-            self._finish(handle, Update("", [], [], finish_reason="cancelled"))
+    def _apply(self, kind: str, arg: Handle | tuple) -> None:
+        if kind == "call":
+            fn, loop, future = arg
+            try:
+                result, error = fn(), None
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                result, error = None, e
+            loop.call_soon_threadsafe(_resolve, future, result, error)
+        elif kind == "add":
+            arg.seq = self.engine.add(arg.prompt, arg.params)
+            self._by_seq[arg.seq.id] = arg
+        elif kind == "cancel" and not arg.done:
+            self.engine.cancel(arg.seq)
+            self._finish(arg, Update("", [], [], finish_reason="cancelled"))
 
     def _run(self) -> None:
         while not self._stop:
@@ -152,3 +170,12 @@ class EngineRunner:
                     self._finish(handle, update)
                 else:
                     handle.push(update)
+
+
+def _resolve(future: asyncio.Future, result: object, error: Exception | None) -> None:
+    if future.done():  # the caller has gone away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

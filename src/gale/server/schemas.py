@@ -24,7 +24,7 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
 
@@ -46,3 +46,12 @@ class ModerationRequest(BaseModel):
 
     input: str | list[str]
     model: str | None = None
+
+
+class TokenizeRequest(BaseModel):
+    prompt: str
+    add_special_tokens: bool = True  # BOS as the model adds it; False: the text's tokens alone
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[int]
