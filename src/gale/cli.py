@@ -41,7 +41,7 @@ def _load(a: argparse.Namespace):  # noqa: ANN202 - gale.llm.LLM, imported lazil
     from .llm import load
 
     llm = load(a.model, device=a.device, dtype=a.dtype, context_len=a.context_len,
-               max_seqs=getattr(a, "max_seqs", 8))
+               max_seqs=getattr(a, "max_seqs", 8), quantized=not a.lora)  # merging an adapter needs fp32 weights
     if a.lora:  # merged in place: inference runs at the base model's speed
         from .lora import load_adapter
 

@@ -486,7 +486,7 @@ def cli(a: Any) -> None:
         if bad:
             raise ValueError(f"{bad} bad lines in {cfg.data}")
         return
-    llm = load(cfg.model, device=cfg.device, dtype=cfg.dtype, progress=cfg.progress)
+    llm = load(cfg.model, device=cfg.device, dtype=cfg.dtype, progress=cfg.progress, quantized=False)  # trained
     if a.lora:  # continue training an existing adapter, with its own rank, alpha and targets
         from .lora import load_adapter
 

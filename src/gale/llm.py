@@ -53,11 +53,11 @@ class LLM:
     """A loaded model with its tokenizer and engine. Methods accept one prompt or a list (batched)."""
 
     def __init__(self, path: Path, *, device: str, dtype: torch.dtype, max_seqs: int = 8,
-                 context_len: int | None = None, progress: bool = True) -> None:
+                 context_len: int | None = None, progress: bool = True, quantized: bool = True) -> None:
         self.path = path
         ckpt = open_checkpoint(path)
         self.checkpoint = ckpt
-        self.model = load_model(ckpt, device=device, dtype=dtype, progress=progress)
+        self.model = load_model(ckpt, device=device, dtype=dtype, progress=progress, keep_quantized=quantized)
         self.tokenizer = load_tokenizer(path, gguf_metadata=ckpt.gguf_metadata)
         self.engine = Engine(self.model, self.tokenizer, max_seqs=max_seqs, context_len=context_len)
 
@@ -105,9 +105,14 @@ class LLM:
 
 
 def load(model: str | Path | None = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
-         max_seqs: int = 8, context_len: int | None = None, progress: bool = True) -> LLM:
-    """Load a Mistral folder, a Hugging Face folder or a .gguf file (None: the embedded default model)."""
+         max_seqs: int = 8, context_len: int | None = None, progress: bool = True, quantized: bool = True) -> LLM:
+    """Load a Mistral folder, a Hugging Face folder or a .gguf file (None: the embedded default model).
+
+    `quantized`: on the CPU in fp32, a GGUF's Q4_0/Q4_1/Q8_0 linear layers stay in their blocks (a C kernel
+    with fp32 activations, about 2x faster decoding, a quarter of the memory); False dequantizes every
+    weight to plain tensors, which LoRA training and merging need.
+    """
     path = Path(model) if model is not None else default_model_path()
     device = device or default_device()
     return LLM(path, device=device, dtype=_dtype(dtype, device), max_seqs=max_seqs, context_len=context_len,
-               progress=progress)
+               progress=progress, quantized=quantized)

@@ -156,8 +156,9 @@ class Transformer(nn.Module):
         return self.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, weight).float()
+        if self.output is None:  # tied to the embedding
+            return F.linear(h, self.tok_embeddings.weight).float()
+        return self.output(h).float()
 
     def forward(
         self,

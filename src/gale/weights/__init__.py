@@ -48,24 +48,57 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def load_model(checkpoint: str | Path | Checkpoint, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, progress: bool = True) -> Transformer:
+               dtype: torch.dtype = torch.float32, progress: bool = True, keep_quantized: bool = False) -> Transformer:
     """Build the model of a checkpoint and fill it; raises CheckpointError before any weight is copied
-    when names, shapes or types do not match, and never returns a half-loaded model."""
+    when names, shapes or types do not match, and never returns a half-loaded model.
+
+    `keep_quantized`: the linear layers of a GGUF whose blocks have a kernel (Q4_0, Q4_1, Q8_0) stay in
+    those blocks (`gale.quant.QuantLinear`, CPU fp32 inference only); other tensors are dequantized.
+    """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     with torch.device("meta"):
         model = Transformer(ckpt.args).to(dtype)
     ckpt.validate({n: tuple(p.shape) for n, p in model.named_parameters()})
+    quantized = _keep_quantized(model, ckpt) if keep_quantized and str(device) == "cpu" and \
+        dtype == torch.float32 else {}
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())
-    tensors = ckpt.tensors()
+    names = [n for n in ckpt.names() if n not in quantized or n == "tok_embeddings.weight"]
+    tensors = ckpt.tensors(names)
     if progress:
         from tqdm import tqdm
 
-        tensors = tqdm(tensors, total=len(params), desc=f"loading {ckpt.path.name}", unit="tensor", leave=False)
+        tensors = tqdm(tensors, total=len(names), desc=f"loading {ckpt.path.name}", unit="tensor", leave=False)
     with torch.no_grad():
         for name, tensor in tensors:
             params[name].copy_(tensor)
     return model.eval().requires_grad_(False)
+
+
+def _keep_quantized(model: Transformer, ckpt: Checkpoint) -> dict[str, object]:
+    """Swap each linear layer whose GGUF blocks have a kernel for a QuantLinear over those blocks.
+
+    A tied output projection gets its own QuantLinear over the embedding's blocks; the embedding itself
+    (a row lookup) is dequantized as usual. Returns the swapped weight names.
+    """
+    from ..quant import KINDS, QuantLinear, kernels
+
+    if ckpt.read_blocks is None or kernels() is None:
+        return {}
+    swapped: dict[str, object] = {}
+    linears = {f"{n}.weight": (n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if model.output is None:
+        linears["tok_embeddings.weight"] = ("output", None)
+    for weight, (module_name, _) in linears.items():
+        kind = ckpt.storage.get(weight)
+        if kind not in KINDS:
+            continue
+        out_features, in_features = ckpt.shapes[weight]
+        layer = QuantLinear.from_gguf(kind, ckpt.read_blocks(weight), out_features, in_features)
+        parent, _, attr = module_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, layer)
+        swapped[weight] = layer
+    return swapped
 
 
 def describe_checkpoint(ckpt: Checkpoint) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ class Checkpoint:
     storage: dict[str, str]  # Gale name -> stored dtype or GGUF quantization type
     files: dict[str, Path]  # Gale name -> file holding it (for error messages)
     read: Callable[[str], torch.Tensor]
+    read_blocks: Callable[[str], Any] | None = None  # GGUF: a tensor's raw quantized blocks, [rows, bytes]
     gguf_metadata: dict[str, Any] | None = None
     unsupported: dict[str, str] = field(default_factory=dict)  # Gale name -> why it cannot be read
     ignored: tuple[str, ...] = ()  # stored names that are not weights (e.g. rotary inv_freq buffers)
@@ -60,8 +61,8 @@ class Checkpoint:
         for name, why in self.unsupported.items():
             raise CheckpointError(f"{self.files[name]}: tensor {name}: {why}")
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self.shapes:
+    def tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.shapes if names is None else names:
             try:
                 yield name, self.read(name)
             except CheckpointError:

@@ -183,6 +183,7 @@ def open_gguf(path: Path) -> Checkpoint:
         storage={n: header.tensors[s][1].name for n, s in ours.items()},
         files=dict.fromkeys(ours, path),
         read=lambda name: _read_tensor(header, ours[name]),
+        read_blocks=lambda name: header.raw(ours[name]),
         gguf_metadata=meta,
         unsupported=unsupported,
     )
