@@ -16,7 +16,7 @@ import torch
 
 from gale.cache import RollingCache
 from gale.config import ModelArgs
-from gale.model import Attention, rope_cos_sin
+from gale.model import Attention, rope_rotations
 
 
 def run(args: ModelArgs, tokens: int, chunk: int, decode_steps: int) -> dict[str, float]:
@@ -28,12 +28,12 @@ def run(args: ModelArgs, tokens: int, chunk: int, decode_steps: int) -> dict[str
     with torch.inference_mode():
         for i in range(0, tokens, chunk):
             meta = cache.prepare([0], [min(chunk, tokens - i)])
-            attn(x[i : i + chunk], rope_cos_sin(meta.positions, args.head_dim, args.rope_theta), meta, cache, 0)
+            attn(x[i : i + chunk], rope_rotations(meta.positions, args.head_dim, args.rope_theta), meta, cache, 0)
         prefill = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(decode_steps):
             meta = cache.prepare([0], [1])
-            attn(x[:1], rope_cos_sin(meta.positions, args.head_dim, args.rope_theta), meta, cache, 0)
+            attn(x[:1], rope_rotations(meta.positions, args.head_dim, args.rope_theta), meta, cache, 0)
         decode = (time.perf_counter() - t0) / decode_steps
     return {"prefill_s": prefill, "decode_ms": decode * 1e3, "cache_mib": cache.nbytes / 2**20}
 

@@ -31,10 +31,13 @@ DATA = Path(__file__).parent / "data" / "eval"
 class ByteTokenizer:
     """UTF-8 bytes as ids; BOS is 256."""
 
-    bos_id = 256
+    bos_id, eos_id, chat_template = 256, 257, None  # no template: chats use the Mistral format
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         return [self.bos_id] * bos + list(text.encode())
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode()
 
 
 class FakeLM:
@@ -55,6 +58,10 @@ class FakeLM:
             raise RuntimeError("interrupted")
         self.prompts.append(list(prompts))
         return [SimpleNamespace(text=self.answer(p, seed)) for p in prompts]
+
+    def generate_ids(self, prompts, **sampling):
+        self.stops = sampling.get("stop")
+        return self.generate([self.tokenizer.decode(p) for p in prompts], **sampling)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest

@@ -10,7 +10,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from gale.quant import GEMV_MAX_VECTORS, QuantLinear, kernels
+from gale.quant import GEMV_MAX_VECTORS, QuantEmbedding, QuantLinear, kernels
 
 pytestmark = pytest.mark.skipif(kernels() is None, reason="no C compiler for the kernels")
 
@@ -26,6 +26,8 @@ def layer(kind: str, out_features: int = 96, in_features: int = 160, seed: int =
 def test_blocks_dequantize_exactly_as_gguf(kind):
     q, w = layer(kind)
     assert torch.equal(q.dequantized(), w)
+    index = torch.tensor([[3, 7, 3], [95, 0, 41]])
+    assert torch.equal(QuantEmbedding(q)(index), w[index])  # lookups read the same blocks
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
@@ -60,6 +62,7 @@ def test_default_model_keeps_its_blocks_and_its_logits(smollm2_path, smollm2_llm
 
     kinds = [m.kind for m in smollm2_llm.model.modules() if isinstance(m, QuantLinear)]
     assert len(kinds) == 30 * 7 + 1 and kinds.count("Q8_0") == 1  # every projection + the tied output (Q8_0)
+    assert isinstance(smollm2_llm.model.tok_embeddings, QuantEmbedding)  # no fp32 copy of the vocabulary
     plain = load_model(smollm2_path, progress=False)
     assert not any(isinstance(m, QuantLinear) for m in plain.modules())
     tokens = torch.tensor(smollm2_llm.tokenizer.encode("The capital of France is Paris, and the capital of"))

@@ -23,23 +23,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (as the reference does) so bf16/fp16 runs keep their accuracy.
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # Normalise in fp32 (as the reference does) so bf16/fp16 runs keep their accuracy; then scale.
+        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotation angles for absolute positions `[N]` -> cos, sin `[N, 1, head_dim/2]` (fp32)."""
+def rope_rotations(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """Unit complex rotations for absolute positions `[N]` -> `[N, 1, head_dim/2]` (complex64)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions.float()[:, None] * inv_freq[None, :]
-    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+    return torch.polar(torch.ones_like(angles), angles)[:, None, :]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2j], x[2j+1]) of `x: [N, heads, head_dim]`, as Mistral's checkpoints expect."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    a, b = xf[..., 0], xf[..., 1]
-    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2j], x[2j+1]) of `x: [N, heads, head_dim]`, as Mistral's checkpoints expect:
+    each pair is a complex number, so the rotation is one complex product (as in mistral-inference)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * rotations).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -54,14 +53,14 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: torch.Tensor,
         meta: BatchMeta,
         cache: RollingCache | None,
         layer: int,
     ) -> torch.Tensor:
         n = x.shape[0]
-        q = apply_rope(self.wq(x).view(n, self.n_heads, self.head_dim), *rope)
-        k = apply_rope(self.wk(x).view(n, self.n_kv_heads, self.head_dim), *rope)
+        q = apply_rope(self.wq(x).view(n, self.n_heads, self.head_dim), rope)
+        k = apply_rope(self.wk(x).view(n, self.n_kv_heads, self.head_dim), rope)
         v = self.wv(x).view(n, self.n_kv_heads, self.head_dim)
 
         if meta.decode:
@@ -132,11 +131,11 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tok_embeddings.weight.dtype
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.tok_embeddings.weight.device
+        return self.norm.weight.device
 
     def hidden_states(self, tokens: torch.Tensor, meta: BatchMeta, cache: RollingCache | None) -> torch.Tensor:
         """Final-norm hidden states `[N, dim]` of packed tokens `[N]`."""
@@ -145,7 +144,7 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens must be 1-D with sum(seqlens)={n} entries, got shape {tuple(tokens.shape)}")
         if (meta.n_cached or meta.decode) and cache is None:
             raise ValueError("this plan reads a KV cache but none was given")
-        rope = rope_cos_sin(meta.positions, self.args.head_dim, self.args.rope_theta)
+        rope = rope_rotations(meta.positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(tokens)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):

@@ -136,5 +136,26 @@ class QuantLinear(nn.Module):
             self._lib.gale_q4_dequant(qs, d, m, w.data_ptr(), rows, cols, threads)
         return w
 
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """fp32 rows `index` of W: an embedding lookup over the same blocks as the tied output projection."""
+        qs, d, m = self.blocks
+        qs, scale = qs[index], d[index].view(torch.float16).float()[..., None]
+        if self.kind == "Q8_0":
+            w = qs.float() * scale
+        else:
+            w = torch.cat((qs & 0xF, qs >> 4), dim=-1).float() * scale + m[index].view(torch.float16).float()[..., None]
+        return w.reshape(*index.shape, self.in_features)
+
     def extra_repr(self) -> str:
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class QuantEmbedding(nn.Module):
+    """Token embeddings read from the blocks of a tied output projection: no fp32 copy of the vocabulary."""
+
+    def __init__(self, table: QuantLinear) -> None:
+        super().__init__()
+        self.table = (table,)  # not a submodule: the output projection owns it
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.table[0].rows(tokens)

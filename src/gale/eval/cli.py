@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per scoring forward")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per generated program")
+    p.add_argument("--chat", action="store_true",
+                   help="instruct models: ask HumanEval in the model's chat format (see README, evaluation)")
 
 
 def _pairs(items: list[str], flag: str, cast: Callable[[str], Any] = str) -> dict[str, Any]:
@@ -58,7 +60,7 @@ def run(a: argparse.Namespace, load: Callable[[argparse.Namespace], Any]) -> Non
         raise ValueError(f"no data for {', '.join(missing)}: pass --data TASK=PATH for each task")
     lm = load(a)
     settings = Settings(model=Path(str(getattr(lm, "path", a.model or "model"))).name, temperature=a.temperature,
-                        seed=a.seed, max_batch_tokens=a.batch_tokens, timeout=a.timeout)
+                        seed=a.seed, max_batch_tokens=a.batch_tokens, timeout=a.timeout, chat=a.chat)
     report = run_eval(lm, a.tasks, data, output=a.output, fewshot=_pairs(a.fewshot, "--fewshot"),
                       shots=_pairs(a.shots, "--shots", int), samples=_pairs(a.samples, "--samples", int),
                       limit=a.limit, settings=settings)

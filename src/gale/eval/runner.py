@@ -28,6 +28,8 @@ from .tasks import Choice, Code, Generate, Request, Task, get_task, load_request
 
 class Tokenizer(Protocol):
     bos_id: int
+    eos_id: int | None
+    chat_template: str | None
 
     def encode(self, text: str, bos: bool = ...) -> list[int]: ...
 
@@ -44,6 +46,8 @@ class LM(Protocol):
 
     def generate(self, prompts: list[str], **sampling: Any) -> list[Completion]: ...
 
+    def generate_ids(self, prompts: list[list[int]], **sampling: Any) -> list[Completion]: ...
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -55,6 +59,7 @@ class Settings:
     max_batch_tokens: int = 4096
     timeout: float = 10.0  # seconds per program
     memory_mb: int = 2048  # address-space limit per program
+    chat: bool = False  # tasks with a chat protocol (HumanEval) ask in the model's chat format
 
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -131,7 +136,16 @@ def _generate(lm: LM, task: Task, reqs: list[Generate], samples: int, settings: 
 
 
 def _code(lm: LM, task: Task, reqs: list[Code], settings: Settings) -> list[dict]:
-    (texts,) = _sample(lm, task, [r.prompt for r in reqs], 1, settings)
+    if settings.chat and task.chat is not None:
+        from ..chat import encode_chat
+
+        asks = [task.chat(r) for r in reqs]
+        ids = [encode_chat(lm.tokenizer, [{"role": "user", "content": user}]) + lm.tokenizer.encode(start, bos=False)
+               for user, start in asks]
+        texts = [c.text for c in lm.generate_ids(ids, max_tokens=task.max_tokens, temperature=0.0,
+                                                 seed=settings.seed, stop=[*task.stop, "```"])]
+    else:
+        (texts,) = _sample(lm, task, [r.prompt for r in reqs], 1, settings)
     runs = run_programs([r.program(t) for r, t in zip(reqs, texts)], timeout=settings.timeout,
                         memory_mb=settings.memory_mb)
     return [{"completion": t, "status": x.status, "pass@1": float(x.passed)} for t, x in zip(texts, runs)]

@@ -92,6 +92,7 @@ class Task:
     stop: tuple[str, ...] = ()
     extract: Callable[[str], str | None] = _first_line
     match: Callable[[str | None, Sequence[str]], bool] = exact_match
+    chat: Callable[[Code], tuple[str, str]] | None = None  # instruct models: (user message, answer's start)
 
     @property
     def kind(self) -> str:
@@ -200,6 +201,13 @@ def _humaneval(rec: Record) -> Code:
                 tail=f"\n\n{rec['test']}\n\ncheck({rec['entry_point']})\n")
 
 
+def _humaneval_chat(req: Code) -> tuple[str, str]:
+    """Ask for the function, and start the answer with its signature and docstring in a code block: an
+    instruct model then writes the body, as a base model does after the raw prompt (the program is the same)."""
+    return (f"Complete the following Python function.\n\n```python\n{req.prompt}```",
+            f"```python\n{req.prompt}")
+
+
 def _mbpp(rec: Record) -> Code:
     tests = "\n".join(rec["test_list"])
     text = rec.get("text") or rec["prompt"]  # the sanitized split calls it "prompt"
@@ -229,7 +237,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          max_tokens=32, stop=("\n",)),
     Task("humaneval", (("task_id", "prompt", "canonical_solution", "test", "entry_point"),),
          "task_id, prompt, canonical_solution, test, entry_point", _humaneval, "pass@1", max_tokens=512,
-         stop=_CODE_STOP),
+         stop=_CODE_STOP, chat=_humaneval_chat),
     Task("mbpp", (("text", "code", "test_list"), ("prompt", "code", "test_list")),
          "task_id, text (or prompt), code, test_list[, test_setup_code]", _mbpp, "pass@1", shots=3,
          max_tokens=512, stop=("[DONE]",)),

@@ -63,7 +63,7 @@ def load_model(checkpoint: str | Path | Checkpoint, *, device: str | torch.devic
         dtype == torch.float32 else {}
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())
-    names = [n for n in ckpt.names() if n not in quantized or n == "tok_embeddings.weight"]
+    names = [n for n in ckpt.names() if n not in quantized]
     tensors = ckpt.tensors(names)
     if progress:
         from tqdm import tqdm
@@ -78,10 +78,10 @@ def load_model(checkpoint: str | Path | Checkpoint, *, device: str | torch.devic
 def _keep_quantized(model: Transformer, ckpt: Checkpoint) -> dict[str, object]:
     """Swap each linear layer whose GGUF blocks have a kernel for a QuantLinear over those blocks.
 
-    A tied output projection gets its own QuantLinear over the embedding's blocks; the embedding itself
-    (a row lookup) is dequantized as usual. Returns the swapped weight names.
+    A tied output projection gets a QuantLinear over the embedding's blocks, and the embedding becomes a
+    row lookup in those same blocks. Returns the swapped weight names.
     """
-    from ..quant import KINDS, QuantLinear, kernels
+    from ..quant import KINDS, QuantEmbedding, QuantLinear, kernels
 
     if ckpt.read_blocks is None or kernels() is None:
         return {}
@@ -97,6 +97,8 @@ def _keep_quantized(model: Transformer, ckpt: Checkpoint) -> dict[str, object]:
         layer = QuantLinear.from_gguf(kind, ckpt.read_blocks(weight), out_features, in_features)
         parent, _, attr = module_name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, layer)
+        if weight == "tok_embeddings.weight":
+            model.tok_embeddings = QuantEmbedding(layer)
         swapped[weight] = layer
     return swapped
 
