@@ -28,15 +28,16 @@ def test_humaneval_samples(tmp_path, corrupt, expected):
 
 
 def test_humaneval_in_the_chat_format(tmp_path):
-    """--chat: the prompt goes in a user turn and the answer starts with it in a code block; the program is the
-    same (prompt + completion), so canonical bodies still pass."""
+    """--chat: the prompt goes in a user turn, the answer opens a code block and writes the whole function;
+    the program is prompt + answer + tests, so a full canonical function passes."""
     path = DATA / "humaneval.jsonl"
     rows = [json.loads(x) for x in path.read_text().splitlines()]
-    lm = FakeLM(lambda p, s: next(r["canonical_solution"] for r in rows if p.endswith(f"```python\n{r['prompt']}")))
+    lm = FakeLM(lambda p, s: next(r["prompt"] + r["canonical_solution"] for r in rows
+                                  if p.endswith(f"```python\n{r['prompt']}``` [/INST]```python\n")))
     report = run_eval(lm, ["humaneval"], {"humaneval": path}, output=tmp_path, settings=Settings(chat=True),
                       progress=False)
     assert report["tasks"]["humaneval"]["score"] == 100.0
-    assert lm.prompts[0][0].startswith("[INST] Complete the following Python function.") and "```" in lm.stops
+    assert lm.prompts[0][0].startswith("[INST] Complete the following Python function.") and lm.stops == ["```"]
 
 
 def test_real_humaneval_canonical_solutions_all_pass(tmp_path):

@@ -143,7 +143,7 @@ def _code(lm: LM, task: Task, reqs: list[Code], settings: Settings) -> list[dict
         ids = [encode_chat(lm.tokenizer, [{"role": "user", "content": user}]) + lm.tokenizer.encode(start, bos=False)
                for user, start in asks]
         texts = [c.text for c in lm.generate_ids(ids, max_tokens=task.max_tokens, temperature=0.0,
-                                                 seed=settings.seed, stop=[*task.stop, "```"])]
+                                                 seed=settings.seed, stop=["```"])]  # the block's end
     else:
         (texts,) = _sample(lm, task, [r.prompt for r in reqs], 1, settings)
     runs = run_programs([r.program(t) for r, t in zip(reqs, texts)], timeout=settings.timeout,

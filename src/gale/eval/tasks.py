@@ -202,10 +202,11 @@ def _humaneval(rec: Record) -> Code:
 
 
 def _humaneval_chat(req: Code) -> tuple[str, str]:
-    """Ask for the function, and start the answer with its signature and docstring in a code block: an
-    instruct model then writes the body, as a base model does after the raw prompt (the program is the same)."""
-    return (f"Complete the following Python function.\n\n```python\n{req.prompt}```",
-            f"```python\n{req.prompt}")
+    """Ask for the function and open a code block for the answer. An instruct model writes the whole function;
+    the program is still prompt + answer + tests (the answer's definition replaces the prompt's stub, and the
+    prompt's imports and helpers stay). Prefilling the prompt itself makes small instruct models close the
+    block at once, since the prompt looks like a finished (docstring-only) function."""
+    return f"Complete the following Python function.\n\n```python\n{req.prompt}```", "```python\n"
 
 
 def _mbpp(rec: Record) -> Code:
