@@ -10,7 +10,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from gale.quant import GEMV_MAX_VECTORS, QuantEmbedding, QuantLinear, kernels
+from gale.quant import GEMM_MIN_VECTORS, GEMV_MAX_VECTORS, QuantEmbedding, QuantLinear, kernels
 
 pytestmark = pytest.mark.skipif(kernels() is None, reason="no C compiler for the kernels")
 
@@ -31,7 +31,7 @@ def test_blocks_dequantize_exactly_as_gguf(kind):
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
-@pytest.mark.parametrize("n", [1, 2, 3, GEMV_MAX_VECTORS, GEMV_MAX_VECTORS + 1, 40])
+@pytest.mark.parametrize("n", [1, 2, 3, GEMV_MAX_VECTORS, GEMV_MAX_VECTORS + 1, 40, GEMM_MIN_VECTORS + 1])
 def test_products_equal_fp32_ones(kind, n):
     q, w = layer(kind, seed=n)
     x = torch.randn(n, w.shape[1])

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv.c"
-GEMV_MAX_VECTORS = 8  # the kernel's limit (MAX_VECTORS); beyond it, dequantize + GEMM
+GEMV_MAX_VECTORS = 8  # the kernel's limit (MAX_VECTORS): a pass reads each block once for up to 8 vectors
+GEMM_MIN_VECTORS = 64  # from here on, dequantize the layer and use torch's GEMM (prefill)
 KINDS = ("Q4_0", "Q4_1", "Q8_0")
 
 
@@ -113,8 +114,10 @@ class QuantLinear(nn.Module):
         if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous():
             return self(x.reshape(-1, self.in_features).float().contiguous()).reshape(*x.shape[:-1], -1)
         n = x.shape[0]
-        if n > GEMV_MAX_VECTORS or x.requires_grad:
+        if n > GEMM_MIN_VECTORS or x.requires_grad:
             return torch.nn.functional.linear(x, self.dequantized())
+        if n > GEMV_MAX_VECTORS:  # a few passes over the blocks still beat unpacking the whole layer
+            return torch.cat([self(part) for part in x.split(GEMV_MAX_VECTORS)])
         y = torch.empty(n, self.out_features)
         qs, d, m = self._ptrs
         if self.kind == "Q8_0":
