@@ -50,7 +50,7 @@ def test_lora_flag_applies_the_adapter(smollm2_path, smollm2_llm, tmp_path):
     from gale.llm import load
     from gale.lora import LoraConfig, apply_lora, lora_layers, save_adapter
 
-    llm = load(smollm2_path, device="cpu", dtype="fp32", progress=False)
+    llm = load(smollm2_path, device="cpu", dtype="fp32", progress=False, quantized=False)  # LoRA needs fp32
     config = LoraConfig(rank=4, alpha=8, dropout=0.0, targets=("wq", "wv", "w2"))
     torch.manual_seed(0)  # lora_a is drawn at apply time: seed it too, or the answer depends on earlier tests
     apply_lora(llm.model, config)

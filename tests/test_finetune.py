@@ -204,7 +204,7 @@ def test_smollm2_learns_the_zorbania_fact(tmp_path, smollm2_path):
     import gale
     from gale.finetune import TokenizerEncoder
 
-    llm = gale.load(smollm2_path, device="cpu", dtype="fp32", progress=False)  # a private copy: LoRA changes it
+    llm = gale.load(smollm2_path, device="cpu", dtype="fp32", progress=False, quantized=False)  # private, fp32
     data = Path(__file__).parent / "data" / "finetune"
     questions = [json.loads(line)["messages"][-2]["content"] for line in open(data / "zorbania_eval.jsonl")]
     ask = [[{"role": "user", "content": q}] for q in questions]

@@ -82,3 +82,10 @@ def test_without_a_compiler_models_load_dequantized(smollm2_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+def test_lora_on_quantized_layers_says_how_to_load(smollm2_llm):
+    from gale.lora import LoraConfig, apply_lora
+
+    with pytest.raises(ValueError, match=r"quantized=False"):
+        apply_lora(smollm2_llm.model, LoraConfig(rank=2, alpha=4, dropout=0.0, targets=("wq",)))

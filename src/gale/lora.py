@@ -95,7 +95,9 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
     if any(isinstance(getattr(p, a), LoraLinear) for p, a, _ in found):
         raise ValueError("the model already carries LoRA adapters: merge them first")
     if not found:
-        raise ValueError(f"no nn.Linear named {config.targets} in the model")
+        quantized = any(type(m).__name__ == "QuantLinear" for m in model.modules())
+        raise ValueError(f"no nn.Linear named {config.targets} in the model" + (
+            ": its layers are quantized blocks; load it with gale.load(..., quantized=False)" if quantized else ""))
     for parent, attr, _ in found:
         setattr(parent, attr, LoraLinear(getattr(parent, attr), config))
     return [name for _, _, name in found]

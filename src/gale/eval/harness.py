@@ -21,6 +21,7 @@ from .runner import LM, encode_pair
 @cache
 def harness_model() -> type:
     """The lm_eval.api.model.LM subclass wrapping a loaded gale model, registered as "gale"."""
+    import lm_eval.models  # noqa: F401 - lm-eval imports its own models only into an empty registry
     from lm_eval.api.model import LM as HarnessLM
     from lm_eval.api.registry import register_model
 
