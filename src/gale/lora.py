@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .quant import QuantLinear
+
 ALL_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
 
@@ -95,7 +97,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
     if any(isinstance(getattr(p, a), LoraLinear) for p, a, _ in found):
         raise ValueError("the model already carries LoRA adapters: merge them first")
     if not found:
-        quantized = any(type(m).__name__ == "QuantLinear" for m in model.modules())
+        quantized = any(isinstance(m, QuantLinear) for m in model.modules())
         raise ValueError(f"no nn.Linear named {config.targets} in the model" + (
             ": its layers are quantized blocks; load it with gale.load(..., quantized=False)" if quantized else ""))
     for parent, attr, _ in found:

@@ -130,24 +130,23 @@ class QuantLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight `[out, in]` (exactly the values the loaders' dequantization gives)."""
-        w = torch.empty(self.out_features, self.in_features)
-        qs, d, m = self._ptrs
-        rows, cols, threads = self.out_features, self.in_features, torch.get_num_threads()
-        if self.kind == "Q8_0":
-            self._lib.gale_q8_dequant(qs, d, w.data_ptr(), rows, cols, threads)
-        else:
-            self._lib.gale_q4_dequant(qs, d, m, w.data_ptr(), rows, cols, threads)
-        return w
+        return self._dequantize(self._ptrs, self.out_features)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """fp32 rows `index` of W: an embedding lookup over the same blocks as the tied output projection."""
-        qs, d, m = self.blocks
-        qs, scale = qs[index], d[index].view(torch.float16).float()[..., None]
+        picked = [None if t is None else t[index.reshape(-1)].contiguous() for t in self.blocks]
+        ptrs = tuple(0 if t is None else t.data_ptr() for t in picked)
+        return self._dequantize(ptrs, index.numel()).reshape(*index.shape, self.in_features)
+
+    def _dequantize(self, ptrs: tuple[int, int, int], rows: int) -> torch.Tensor:
+        """`rows` fp32 rows from the blocks at `ptrs` (all of W, or rows gathered from it)."""
+        w = torch.empty(rows, self.in_features)
+        qs, d, m = ptrs
         if self.kind == "Q8_0":
-            w = qs.float() * scale
+            self._lib.gale_q8_dequant(qs, d, w.data_ptr(), rows, self.in_features, torch.get_num_threads())
         else:
-            w = torch.cat((qs & 0xF, qs >> 4), dim=-1).float() * scale + m[index].view(torch.float16).float()[..., None]
-        return w.reshape(*index.shape, self.in_features)
+            self._lib.gale_q4_dequant(qs, d, m, w.data_ptr(), rows, self.in_features, torch.get_num_threads())
+        return w
 
     def extra_repr(self) -> str:
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}"

@@ -261,7 +261,7 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, max_que
             return StreamingResponse(stream_events(handles, chunk), media_type="text/event-stream")
         results = [Update("", [], [], "length") for _ in prompts for _ in range(req.n)] if score_only else \
             await collect(request, handles)
-        prompt_texts = [tok.decode(p) for p in prompts]
+        prompt_texts = [tok.decode(p) for p in prompts] if req.echo or req.logprobs is not None else []
         prompt_lps: list[list[TokenLogprob | None]] = [[] for _ in prompts]
         if req.echo and req.logprobs is not None:  # the model scores the prompt too (lm-eval's loglikelihood)
             prompt_lps = [[None, *await runner.call(functools.partial(prompt_logprobs, llm.model, p, req.logprobs))]

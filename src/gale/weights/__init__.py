@@ -60,7 +60,7 @@ def load_model(checkpoint: str | Path | Checkpoint, *, device: str | torch.devic
         model = Transformer(ckpt.args).to(dtype)
     ckpt.validate({n: tuple(p.shape) for n, p in model.named_parameters()})
     quantized = _keep_quantized(model, ckpt) if keep_quantized and str(device) == "cpu" and \
-        dtype == torch.float32 else {}
+        dtype == torch.float32 else set()
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())
     names = [n for n in ckpt.names() if n not in quantized]
@@ -75,7 +75,7 @@ def load_model(checkpoint: str | Path | Checkpoint, *, device: str | torch.devic
     return model.eval().requires_grad_(False)
 
 
-def _keep_quantized(model: Transformer, ckpt: Checkpoint) -> dict[str, object]:
+def _keep_quantized(model: Transformer, ckpt: Checkpoint) -> set[str]:
     """Swap each linear layer whose GGUF blocks have a kernel for a QuantLinear over those blocks.
 
     A tied output projection gets a QuantLinear over the embedding's blocks, and the embedding becomes a
@@ -84,12 +84,12 @@ def _keep_quantized(model: Transformer, ckpt: Checkpoint) -> dict[str, object]:
     from ..quant import KINDS, QuantEmbedding, QuantLinear, kernels
 
     if ckpt.read_blocks is None or kernels() is None:
-        return {}
-    swapped: dict[str, object] = {}
-    linears = {f"{n}.weight": (n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        return set()
+    modules = {f"{n}.weight": n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     if model.output is None:
-        linears["tok_embeddings.weight"] = ("output", None)
-    for weight, (module_name, _) in linears.items():
+        modules["tok_embeddings.weight"] = "output"
+    swapped = set()
+    for weight, module_name in modules.items():
         kind = ckpt.storage.get(weight)
         if kind not in KINDS:
             continue
@@ -99,7 +99,7 @@ def _keep_quantized(model: Transformer, ckpt: Checkpoint) -> dict[str, object]:
         setattr(model.get_submodule(parent) if parent else model, attr, layer)
         if weight == "tok_embeddings.weight":
             model.tok_embeddings = QuantEmbedding(layer)
-        swapped[weight] = layer
+        swapped.add(weight)
     return swapped
 
 
