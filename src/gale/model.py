@@ -7,6 +7,8 @@ convert every other format to them, so this file knows one layout only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -128,6 +130,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each layer in backward: memory for fine-tuning
+        # All layers of a decode step at once (gale.quant.DecodeKernel), installed by the loader for CPU
+        # models with quantized projections; called as (h, rope, meta, cache) -> h, or None to decline.
+        self.decode_kernel: Callable[..., torch.Tensor | None] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -146,6 +151,9 @@ class Transformer(nn.Module):
             raise ValueError("this plan reads a KV cache but none was given")
         rope = rope_rotations(meta.positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(tokens)
+        fused = self.decode_kernel(h, rope, meta, cache) if meta.decode and self.decode_kernel else None
+        if fused is not None:
+            return self.norm(fused)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
             if recompute:

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-SOURCE = Path(__file__).parent / "csrc" / "gemv.c"
-GEMV_MAX_VECTORS = 8  # the kernel's limit (MAX_VECTORS): a pass reads each block once for up to 8 vectors
+SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
+GEMV_MAX_VECTORS = 8  # vectors per pass of the kernel over the blocks (MAX_VECTORS)
 GEMM_MIN_VECTORS = 64  # from here on, dequantize the layer and use torch's GEMM (prefill)
 KINDS = ("Q4_0", "Q4_1", "Q8_0")
 
@@ -60,11 +60,28 @@ def kernels() -> ctypes.CDLL | None:
             return None
     dll = ctypes.CDLL(str(lib))  # torch has loaded libgomp already: the kernels share its OpenMP threads
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    dll.gale_q4_gemv.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
-    dll.gale_q8_gemv.argtypes = [p, p, p, p, i64, i64, i64, i32]
-    dll.gale_q4_dequant.argtypes = [p, p, p, p, i64, i64, i32]
-    dll.gale_q8_dequant.argtypes = [p, p, p, i64, i64, i32]
+    dll.gale_gemv.argtypes = [p, p, p, i64, i32]
+    dll.gale_dequant.argtypes = [p, p, i64, p, i32]
+    dll.gale_decode.argtypes = [p, p, p, p, i64, i64, i64, p, p, p, p, i32]
     return dll
+
+
+class _QMat(ctypes.Structure):
+    """kernels.c's gale_qmat: one matrix of blocks."""
+    _fields_ = [("kind", ctypes.c_int64), ("qs", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p),
+                ("rows", ctypes.c_int64), ("cols", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):
+    """kernels.c's gale_layer."""
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
+                *((name, _QMat) for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"))]
+
+
+class _Dims(ctypes.Structure):
+    """kernels.c's gale_dims."""
+    _fields_ = [(name, ctypes.c_int64) for name in ("n_layers", "dim", "hidden", "n_heads", "n_kv_heads", "head_dim")] \
+        + [("eps", ctypes.c_double)]
 
 
 def _cpu_name() -> str:
@@ -91,7 +108,9 @@ class QuantLinear(nn.Module):
         # microseconds that add up over 200 calls per decoded token.
         self.blocks = (qs, d, m)
         self._lib = kernels()
-        self._ptrs = (qs.data_ptr(), d.data_ptr(), 0 if m is None else m.data_ptr())
+        self.mat = _QMat(1 if kind == "Q8_0" else 0, qs.data_ptr(), d.data_ptr(), 0 if m is None else m.data_ptr(),
+                         out_features, in_features)
+        self._mat = ctypes.addressof(self.mat)
 
     @classmethod
     def from_gguf(cls, kind: str, raw: np.ndarray, out_features: int, in_features: int) -> QuantLinear:
@@ -113,40 +132,26 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous():
             return self(x.reshape(-1, self.in_features).float().contiguous()).reshape(*x.shape[:-1], -1)
-        n = x.shape[0]
-        if n > GEMM_MIN_VECTORS or x.requires_grad:
+        if x.shape[0] > GEMM_MIN_VECTORS or x.requires_grad:
             return torch.nn.functional.linear(x, self.dequantized())
-        if n > GEMV_MAX_VECTORS:  # a few passes over the blocks still beat unpacking the whole layer
-            return torch.cat([self(part) for part in x.split(GEMV_MAX_VECTORS)])
-        y = torch.empty(n, self.out_features)
-        qs, d, m = self._ptrs
-        if self.kind == "Q8_0":
-            self._lib.gale_q8_gemv(qs, d, x.data_ptr(), y.data_ptr(), self.out_features, self.in_features, n,
-                              torch.get_num_threads())
-        else:
-            self._lib.gale_q4_gemv(qs, d, m, x.data_ptr(), y.data_ptr(), self.out_features, self.in_features, n,
-                              torch.get_num_threads())
+        y = torch.empty(x.shape[0], self.out_features)
+        self._lib.gale_gemv(self._mat, x.data_ptr(), y.data_ptr(), x.shape[0], torch.get_num_threads())
         return y
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight `[out, in]` (exactly the values the loaders' dequantization gives)."""
-        return self._dequantize(self._ptrs, self.out_features)
+        w = torch.empty(self.out_features, self.in_features)
+        self._lib.gale_dequant(self._mat, None, self.out_features, w.data_ptr(), torch.get_num_threads())
+        return w
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """fp32 rows `index` of W: an embedding lookup over the same blocks as the tied output projection."""
-        picked = [None if t is None else t[index.reshape(-1)].contiguous() for t in self.blocks]
-        ptrs = tuple(0 if t is None else t.data_ptr() for t in picked)
-        return self._dequantize(ptrs, index.numel()).reshape(*index.shape, self.in_features)
-
-    def _dequantize(self, ptrs: tuple[int, int, int], rows: int) -> torch.Tensor:
-        """`rows` fp32 rows from the blocks at `ptrs` (all of W, or rows gathered from it)."""
-        w = torch.empty(rows, self.in_features)
-        qs, d, m = ptrs
-        if self.kind == "Q8_0":
-            self._lib.gale_q8_dequant(qs, d, w.data_ptr(), rows, self.in_features, torch.get_num_threads())
-        else:
-            self._lib.gale_q4_dequant(qs, d, m, w.data_ptr(), rows, self.in_features, torch.get_num_threads())
-        return w
+        flat = index.reshape(-1).to(torch.int64).contiguous()
+        if flat.numel() and not 0 <= int(flat.min()) <= int(flat.max()) < self.out_features:
+            raise IndexError(f"row index out of range for {self.out_features} rows")
+        w = torch.empty(flat.numel(), self.in_features)
+        self._lib.gale_dequant(self._mat, flat.data_ptr(), flat.numel(), w.data_ptr(), torch.get_num_threads())
+        return w.reshape(*index.shape, self.in_features)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}"
@@ -161,3 +166,50 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.table[0].rows(tokens)
+
+
+class DecodeKernel:
+    """Every layer of a decode step in one C call (kernels.c's `gale_decode`), for a model whose projections
+    are all QuantLinear: one Python call per token instead of ~40 torch ops per layer.
+
+    The loader installs it as `Transformer.decode_kernel`; model.py's Attention and FeedForward stay the
+    reference (prefill, GPU, training), and tests hold the two to the same logits and greedy tokens.
+    """
+
+    PROJECTIONS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                   "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+    def __init__(self, model: nn.Module) -> None:
+        a = model.args
+        self._lib = kernels()
+        self._dims = _Dims(a.n_layers, a.dim, a.hidden_dim, a.n_heads, a.n_kv_heads, a.head_dim, a.norm_eps)
+        self._layers = (_Layer * a.n_layers)()
+        self._norms = []  # owners of the pointers handed to C
+        for spec, block in zip(self._layers, model.layers):
+            self._norms += [block.attention_norm.weight.detach().float().contiguous(),
+                            block.ffn_norm.weight.detach().float().contiguous()]
+            spec.attn_norm, spec.ffn_norm = self._norms[-2].data_ptr(), self._norms[-1].data_ptr()
+            for name in self.PROJECTIONS:
+                setattr(spec, name.rpartition(".")[2], block.get_submodule(name).mat)
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return kernels() is not None and all(
+            isinstance(block.get_submodule(name), QuantLinear) for block in model.layers for name in cls.PROJECTIONS)
+
+    def __call__(self, h: torch.Tensor, rope: torch.Tensor, meta, cache) -> torch.Tensor | None:  # noqa: ANN001
+        """Hidden states after the last layer for `meta`'s decode step, or None where this path does not apply
+        (a cache that is not fp32 on the CPU): the caller then runs the layers itself."""
+        if cache is None or cache.dtype != torch.float32 or cache.device.type != "cpu":
+            return None
+        h = h.float().clone(memory_format=torch.contiguous_format)
+        slots = meta.slots
+        slots = torch.arange(slots.start, slots.stop) if isinstance(slots, slice) else slots.to(torch.int64)
+        positions = meta.positions.to(torch.int64).contiguous()
+        rot = torch.view_as_real(rope).contiguous()
+        keys = (ctypes.c_void_p * len(cache.k))(*[t.data_ptr() for t in cache.k])
+        values = (ctypes.c_void_p * len(cache.v))(*[t.data_ptr() for t in cache.v])
+        self._lib.gale_decode(ctypes.addressof(self._dims), self._layers, keys, values, cache.allocated,
+                              cache.capacity, h.shape[0], slots.contiguous().data_ptr(), positions.data_ptr(),
+                              rot.data_ptr(), h.data_ptr(), torch.get_num_threads())
+        return h

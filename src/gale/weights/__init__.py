@@ -72,6 +72,11 @@ def load_model(checkpoint: str | Path | Checkpoint, *, device: str | torch.devic
     with torch.no_grad():
         for name, tensor in tensors:
             params[name].copy_(tensor)
+    if quantized:
+        from ..quant import DecodeKernel
+
+        if DecodeKernel.supports(model):
+            model.decode_kernel = DecodeKernel(model)
     return model.eval().requires_grad_(False)
 
 

@@ -1,0 +1,444 @@
+/* CPU kernels over weights kept in llama.cpp's 32-wide blocks; activations and sums stay fp32.
+ *
+ * 1. Matrix-vector products (gale_gemv) and dequantization (gale_dequant) of one block matrix.
+ * 2. gale_decode: every layer of a decode step (one new token per sequence) in one call, so a token
+ *    costs one Python call instead of ~40 torch ops per layer (each 3-10 us on a small CPU). It computes
+ *    what model.py's Attention/FeedForward do for a decode step, over the engine's rolling KV cache, and
+ *    tests compare the two.
+ *
+ * y[v, r] = sum_c W[r, c] * x[v, c] for a few vectors v (decode: one token per sequence), reading each
+ * weight block once for all of them. Weights stay 4- or 8-bit in memory; nothing is rounded on the
+ * activation side (llama.cpp rounds activations to 8 bits, which derails small models).
+ *
+ * Layouts (per row r, block b of 32 columns):
+ *   Q4: qs[r][b][16] nibbles (low nibble = column j, high = column j + 16), fp16 scale d and offset m:
+ *       W = d * q + m (Q4_1; Q4_0 is loaded as m = -8 d).
+ *   Q8: qs[r][b][32] int8, fp16 scale d: W = d * q.
+ * With sum_j W x_j = d * sum_j q x_j + m * sum_j x_j, the offset costs one product per block per vector.
+ *
+ * A single vector (decode at batch 1) takes an integer inner loop that keeps fp32 accuracy: each 32-block
+ * of x is split as x = s * (hi + lo / 2^15) with int16 hi, lo and an fp32 scale s (~30 bits, finer than
+ * the fp32 rounding of x * (1/s) itself), and both halves go through vpmaddwd with the 4/8-bit weights.
+ * Measured against double-precision sums it is as exact as the fp32 path (tests/test_quant.py), and 2x
+ * faster here: converting nibbles to fp32 was the cost. Blocks whose largest |x| is below 1e-30 count
+ * as zeros (their products are below fp32's resolution of any sum they join).
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define GALE_AVX2 1
+#endif
+
+#define MAX_VECTORS 8
+
+static inline float h2f(uint16_t h) {
+#ifdef GALE_AVX2
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: renormalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000 | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+}
+
+#ifdef GALE_AVX2
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* Sum of each 32-block of each vector: the Q4 offset term. */
+static void block_sums(const float *x, int64_t n, int64_t cols, float *out) {
+    int64_t nb = cols / 32;
+    for (int64_t v = 0; v < n; v++)
+        for (int64_t b = 0; b < nb; b++) {
+            float s = 0.f;
+            for (int j = 0; j < 32; j++) s += x[v * cols + b * 32 + j];
+            out[v * nb + b] = s;
+        }
+}
+
+#ifdef GALE_AVX2
+/* The 32 weights of a block as four vectors of 8 floats (before scale and offset). */
+static inline void unpack_q4(const uint8_t *q, __m256 w[4]) {
+    const __m128i low = _mm_set1_epi8(0x0f);
+    __m128i raw = _mm_loadu_si128((const __m128i *)q);
+    __m128i lo = _mm_and_si128(raw, low), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+
+static inline void unpack_q8(const int8_t *q, __m256 w[4]) {
+    for (int k = 0; k < 4; k++)
+        w[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * k))));
+}
+
+static inline __m256 dot32(const __m256 w[4], const float *x) {
+    __m256 s = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
+    s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + 8), s);
+    s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + 16), s);
+    return _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), s);
+}
+#endif
+
+#ifdef GALE_AVX2
+/* x [cols] -> per block: hi/lo int16 halves, scale s and the fp32 block sum (Q4 offsets). */
+static void split_int16(const float *x, int64_t cols, int16_t *hi, int16_t *lo, float *scale, float *sums) {
+    const __m256 sign = _mm256_set1_ps(-0.f), frac = _mm256_set1_ps(32768.f);
+    for (int64_t b = 0; b < cols / 32; b++) {
+        const float *xb = x + b * 32;
+        __m256 v[4], mx = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm256_loadu_ps(xb + 8 * k);
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[k]));
+            sum = _mm256_add_ps(sum, v[k]);
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        float top = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        int tiny = !(top >= 1e-30f); /* also NaN: the block's products are then zero, not garbage */
+        scale[b] = tiny ? 0.f : top / 32767.f;
+        sums[b] = hsum(sum);
+        __m256 inv = _mm256_set1_ps(tiny ? 0.f : 32767.f / top);
+        for (int k = 0; k < 4; k += 2) {
+            __m256 t0 = _mm256_mul_ps(v[k], inv), t1 = _mm256_mul_ps(v[k + 1], inv);
+            __m256 h0 = _mm256_round_ps(t0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m256 h1 = _mm256_round_ps(t1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m256i l0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(t0, h0), frac));
+            __m256i l1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(t1, h1), frac));
+            /* packs interleaves 128-bit lanes: permute back to column order */
+            __m256i hp = _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_cvtps_epi32(h0), _mm256_cvtps_epi32(h1)), 0xd8);
+            __m256i lp = _mm256_permute4x64_epi64(_mm256_packs_epi32(l0, l1), 0xd8);
+            _mm256_storeu_si256((__m256i *)(hi + b * 32 + 8 * k), hp);
+            _mm256_storeu_si256((__m256i *)(lo + b * 32 + 8 * k), lp);
+        }
+    }
+}
+
+/* One output row, one vector split by split_int16. */
+static inline float row_dot_int16(int q8, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
+                                  const int16_t *hi, const int16_t *lo, const float *scale, const float *sums,
+                                  int64_t nb) {
+    float ds[nb], ms[nb]; /* d * s per block, and the offsets */
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        __m256 db = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + b)));
+        _mm256_storeu_ps(ds + b, _mm256_mul_ps(db, _mm256_loadu_ps(scale + b)));
+        if (!q8) _mm256_storeu_ps(ms + b, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + b))));
+    }
+    for (; b < nb; b++) {
+        ds[b] = h2f(d[b]) * scale[b];
+        if (!q8) ms[b] = h2f(m[b]);
+    }
+    const __m128i low = _mm_set1_epi8(0x0f);
+    const __m256 frac = _mm256_set1_ps(1.f / 32768.f);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (b = 0; b < nb; b++) {
+        __m256i w0, w1;
+        if (q8) {
+            w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + b * 32)));
+            w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + b * 32 + 16)));
+        } else {
+            __m128i raw = _mm_loadu_si128((const __m128i *)(qs + b * 16));
+            w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));
+            w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));
+        }
+        const __m256i *h = (const __m256i *)(hi + b * 32), *l = (const __m256i *)(lo + b * 32);
+        __m256i sh = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(h)),
+                                      _mm256_madd_epi16(w1, _mm256_loadu_si256(h + 1)));
+        __m256i sl = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(l)),
+                                      _mm256_madd_epi16(w1, _mm256_loadu_si256(l + 1)));
+        __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sl), frac, _mm256_cvtepi32_ps(sh));
+        if (b & 1)
+            acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(ds + b), t, acc1);
+        else
+            acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(ds + b), t, acc0);
+    }
+    float off = 0.f;
+    for (b = 0; b < nb && !q8; b++) off += ms[b] * sums[b];
+    return hsum(_mm256_add_ps(acc0, acc1)) + off;
+}
+#endif
+
+/* One output row for n vectors. q8: int8 blocks of 32 bytes (m unused); else nibble blocks of 16 bytes. */
+static inline void row_dot(int q8, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *x,
+                           const float *xs, int64_t nb, int64_t cols, int64_t n, float *out) {
+    int64_t bytes = q8 ? 32 : 16;
+#ifdef GALE_AVX2
+    __m256 w[4];
+    __m256 acc[MAX_VECTORS];
+    float off[MAX_VECTORS] = {0};
+    for (int64_t v = 0; v < n; v++) acc[v] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        if (q8) unpack_q8((const int8_t *)qs + b * bytes, w); else unpack_q4(qs + b * bytes, w);
+        __m256 vd = _mm256_set1_ps(h2f(d[b]));
+        float mb = q8 ? 0.f : h2f(m[b]);
+        for (int64_t v = 0; v < n; v++) {
+            acc[v] = _mm256_fmadd_ps(vd, dot32(w, x + v * cols + b * 32), acc[v]);
+            if (!q8) off[v] += mb * xs[v * nb + b];
+        }
+    }
+    for (int64_t v = 0; v < n; v++) out[v] = hsum(acc[v]) + off[v];
+#else
+    float acc[MAX_VECTORS] = {0}, w[32];
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *q = qs + b * bytes;
+        for (int j = 0; j < 16 && !q8; j++) {
+            w[j] = (float)(q[j] & 0x0f);
+            w[j + 16] = (float)(q[j] >> 4);
+        }
+        for (int j = 0; j < 32 && q8; j++) w[j] = (float)((const int8_t *)q)[j];
+        float db = h2f(d[b]), mb = q8 ? 0.f : h2f(m[b]);
+        for (int64_t v = 0; v < n; v++) {
+            const float *xb = x + v * cols + b * 32;
+            float s = 0.f;
+            for (int j = 0; j < 32; j++) s += w[j] * xb[j];
+            acc[v] += db * s + (q8 ? 0.f : mb * xs[v * nb + b]);
+        }
+    }
+    for (int64_t v = 0; v < n; v++) out[v] = acc[v];
+#endif
+}
+
+
+/* One block matrix (rows = output features): kind GALE_Q4 (16 nibble bytes, fp16 scale d and offset m per
+ * block) or GALE_Q8 (32 int8, fp16 scale d). Mirrored by quant.py's _QMat. */
+enum { GALE_Q4 = 0, GALE_Q8 = 1 };
+typedef struct {
+    int64_t kind;
+    const uint8_t *qs;
+    const uint16_t *d, *m;
+    int64_t rows, cols;
+} gale_qmat;
+
+/* y[v] = W x[v] for up to MAX_VECTORS vectors: each block is read once for all of them. */
+static void gemv_pass(const gale_qmat *w, const float *x, float *y, int64_t n, int threads) {
+    int q8 = w->kind == GALE_Q8;
+    int64_t rows = w->rows, cols = w->cols, nb = cols / 32, bytes = q8 ? 32 : 16;
+    float *xs = malloc(sizeof(float) * n * nb);
+#ifdef GALE_AVX2
+    if (n == 1) {
+        int16_t *hi = malloc(sizeof(int16_t) * cols), *lo = malloc(sizeof(int16_t) * cols);
+        float *scale = malloc(sizeof(float) * nb);
+        split_int16(x, cols, hi, lo, scale, xs);
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * cols >= 65536)
+        for (int64_t r = 0; r < rows; r++)
+            y[r] = row_dot_int16(q8, w->qs + r * nb * bytes, w->d + r * nb, q8 ? NULL : w->m + r * nb, hi, lo,
+                                 scale, xs, nb);
+        free(hi); free(lo); free(scale); free(xs);
+        return;
+    }
+#endif
+    if (!q8) block_sums(x, n, cols, xs);
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * cols >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        float out[MAX_VECTORS];
+        row_dot(q8, w->qs + r * nb * bytes, w->d + r * nb, q8 ? NULL : w->m + r * nb, x, xs, nb, cols, n, out);
+        for (int64_t v = 0; v < n; v++) y[v * rows + r] = out[v];
+    }
+    free(xs);
+}
+
+/* y = x W^T for n vectors x [n, cols] -> y [n, rows], in passes of MAX_VECTORS. */
+void gale_gemv(const gale_qmat *w, const float *x, float *y, int64_t n, int threads) {
+    for (int64_t v = 0; v < n; v += MAX_VECTORS)
+        gemv_pass(w, x + v * w->cols, y + v * w->rows, n - v < MAX_VECTORS ? n - v : MAX_VECTORS, threads);
+}
+
+/* fp32 rows of W: all of them (index NULL, n = rows) or rows index[0..n) (embedding lookups). */
+void gale_dequant(const gale_qmat *w, const int64_t *index, int64_t n, float *out, int threads) {
+    int64_t cols = w->cols, nb = cols / 32;
+#pragma omp parallel for schedule(static) num_threads(threads) if (n * cols >= 65536)
+    for (int64_t i = 0; i < n; i++) {
+        int64_t r = index ? index[i] : i;
+        for (int64_t b = 0; b < nb; b++) {
+            int64_t blk = r * nb + b;
+            float db = h2f(w->d[blk]), *o = out + i * cols + b * 32;
+            if (w->kind == GALE_Q8) {
+                const int8_t *q = (const int8_t *)w->qs + blk * 32;
+                for (int j = 0; j < 32; j++) o[j] = db * (float)q[j];
+            } else {
+                const uint8_t *q = w->qs + blk * 16;
+                float mb = h2f(w->m[blk]);
+                for (int j = 0; j < 16; j++) {
+                    o[j] = db * (float)(q[j] & 0x0f) + mb;
+                    o[j + 16] = db * (float)(q[j] >> 4) + mb;
+                }
+            }
+        }
+    }
+}
+
+/* ---- decode step ---- */
+
+typedef struct {
+    const float *attn_norm, *ffn_norm;
+    gale_qmat wq, wk, wv, wo, w1, w2, w3;
+} gale_layer;
+
+typedef struct {
+    int64_t n_layers, dim, hidden, n_heads, n_kv_heads, head_dim;
+    double eps;
+} gale_dims;
+
+/* sum_i a[i] b[i] in fp32, eight lanes at a time (a plain loop would not vectorize: reassociation). */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float s = 0.f;
+#ifdef GALE_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    s = hsum(acc);
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* out[j] = scale * q . k[j] for n keys (rows of hd floats); eight keys per pass share one reduction. */
+static void scores(const float *q, const float *k, int64_t n, int64_t hd, float scale, float *out) {
+    int64_t j = 0;
+#ifdef GALE_AVX2
+    for (; hd % 8 == 0 && j + 8 <= n; j += 8) {
+        __m256 a[8];
+        for (int t = 0; t < 8; t++) a[t] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < hd; i += 8) {
+            __m256 qi = _mm256_loadu_ps(q + i);
+            for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + (j + t) * hd + i), a[t]);
+        }
+        /* transpose-reduce: lane t of the result is the sum of a[t] */
+        __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+        __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(sum, _mm256_set1_ps(scale)));
+    }
+#endif
+    for (; j < n; j++) out[j] = dot(q, k + j * hd, hd) * scale;
+}
+
+/* out[i] = sum_j p[j] v[j][i] for n rows of hd floats, 32 columns at a time held in registers. */
+static void weighted_sum(const float *p, const float *v, int64_t n, int64_t hd, float *out) {
+    int64_t i = 0;
+#ifdef GALE_AVX2
+    for (; i + 32 <= hd; i += 32) {
+        __m256 a[8]; /* two keys in flight: a[0..3] even rows, a[4..7] odd rows */
+        for (int t = 0; t < 8; t++) a[t] = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 2 <= n; j += 2) {
+            __m256 p0 = _mm256_broadcast_ss(p + j), p1 = _mm256_broadcast_ss(p + j + 1);
+            for (int t = 0; t < 4; t++) {
+                a[t] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v + j * hd + i + 8 * t), a[t]);
+                a[t + 4] = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v + (j + 1) * hd + i + 8 * t), a[t + 4]);
+            }
+        }
+        for (; j < n; j++)
+            for (int t = 0; t < 4; t++)
+                a[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), _mm256_loadu_ps(v + j * hd + i + 8 * t), a[t]);
+        for (int t = 0; t < 4; t++) _mm256_storeu_ps(out + i + 8 * t, _mm256_add_ps(a[t], a[t + 4]));
+    }
+#endif
+    for (; i < hd; i++) {
+        float s = 0.f;
+        for (int64_t j = 0; j < n; j++) s += p[j] * v[j * hd + i];
+        out[i] = s;
+    }
+}
+
+static void rms_norm(const float *x, const float *w, float *out, int64_t n, int64_t dim, double eps) {
+    for (int64_t v = 0; v < n; v++) {
+        const float *xv = x + v * dim;
+        float ss = dot(xv, xv, dim);
+        float scale = 1.f / sqrtf(ss / (float)dim + (float)eps);
+        for (int64_t i = 0; i < dim; i++) out[v * dim + i] = xv[i] * scale * w[i];
+    }
+}
+
+/* Rotate interleaved pairs of each head by the sequence's (cos, sin) pairs: rope [n, head_dim/2, 2]. */
+static void rope(float *x, const float *rot, int64_t n, int64_t heads, int64_t head_dim) {
+    for (int64_t v = 0; v < n; v++)
+        for (int64_t h = 0; h < heads; h++) {
+            float *p = x + (v * heads + h) * head_dim;
+            const float *r = rot + v * head_dim;
+            for (int64_t j = 0; j < head_dim / 2; j++) {
+                float a = p[2 * j], b = p[2 * j + 1], c = r[2 * j], s = r[2 * j + 1];
+                p[2 * j] = a * c - b * s;
+                p[2 * j + 1] = a * s + b * c;
+            }
+        }
+}
+
+/* Every layer of a decode step for n sequences, one new token each, hidden states h [n, dim] in place.
+ * Cache layer l: kc[l], vc[l] = [slots, n_kv_heads, alloc, head_dim]; position p is stored at index
+ * p % capacity of its sequence's slot (alloc >= min(p + 1, capacity)). Written first, then attended: with
+ * the engine's cache every stored entry of a sequence is inside its window (capacity <= window, or the
+ * cache refuses to outgrow capacity), so the query attends entries 0 .. min(p + 1, capacity) - 1. */
+void gale_decode(const gale_dims *c, const gale_layer *layers, float *const *kc, float *const *vc, int64_t alloc,
+                 int64_t capacity, int64_t n, const int64_t *slots, const int64_t *positions, const float *rot,
+                 float *h, int threads) {
+    int64_t dim = c->dim, hd = c->head_dim, H = c->n_heads, KV = c->n_kv_heads, group = H / KV;
+    int64_t qd = H * hd, kd = KV * hd, big = c->hidden > dim ? c->hidden : dim;
+    float *xn = malloc(sizeof(float) * n * big), *q = malloc(sizeof(float) * n * qd);
+    float *k = malloc(sizeof(float) * n * kd), *v = malloc(sizeof(float) * n * kd);
+    float *att = malloc(sizeof(float) * n * qd), *tmp = malloc(sizeof(float) * n * dim);
+    float *g = malloc(sizeof(float) * n * c->hidden), *u = malloc(sizeof(float) * n * c->hidden);
+    float *scores_buf = malloc(sizeof(float) * threads * capacity);
+    float scale = 1.f / sqrtf((float)hd);
+    for (int64_t l = 0; l < c->n_layers; l++) {
+        const gale_layer *L = layers + l;
+        rms_norm(h, L->attn_norm, xn, n, dim, c->eps);
+        gale_gemv(&L->wq, xn, q, n, threads);
+        gale_gemv(&L->wk, xn, k, n, threads);
+        gale_gemv(&L->wv, xn, v, n, threads);
+        rope(q, rot, n, H, hd);
+        rope(k, rot, n, KV, hd);
+        for (int64_t s = 0; s < n; s++)
+            for (int64_t kh = 0; kh < KV; kh++) {
+                int64_t at = ((slots[s] * KV + kh) * alloc + positions[s] % capacity) * hd;
+                memcpy(kc[l] + at, k + (s * KV + kh) * hd, sizeof(float) * hd);
+                memcpy(vc[l] + at, v + (s * KV + kh) * hd, sizeof(float) * hd);
+            }
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t sh = 0; sh < n * H; sh++) {
+            int64_t s = sh / H, hq = sh % H, keys = positions[s] + 1 < capacity ? positions[s] + 1 : capacity;
+            const float *kb = kc[l] + (slots[s] * KV + hq / group) * alloc * hd;
+            const float *vb = vc[l] + (slots[s] * KV + hq / group) * alloc * hd;
+            float *sc = scores_buf + omp_get_thread_num() * capacity, mx = -INFINITY, sum = 0.f;
+            scores(q + sh * hd, kb, keys, hd, scale, sc);
+            for (int64_t j = 0; j < keys; j++) mx = sc[j] > mx ? sc[j] : mx;
+            for (int64_t j = 0; j < keys; j++) sum += sc[j] = expf(sc[j] - mx);
+            for (int64_t j = 0; j < keys; j++) sc[j] /= sum;
+            weighted_sum(sc, vb, keys, hd, att + sh * hd);
+        }
+        gale_gemv(&L->wo, att, tmp, n, threads);
+        for (int64_t i = 0; i < n * dim; i++) h[i] += tmp[i];
+        rms_norm(h, L->ffn_norm, xn, n, dim, c->eps);
+        gale_gemv(&L->w1, xn, g, n, threads);
+        gale_gemv(&L->w3, xn, u, n, threads);
+        for (int64_t i = 0; i < n * c->hidden; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        gale_gemv(&L->w2, g, tmp, n, threads);
+        for (int64_t i = 0; i < n * dim; i++) h[i] += tmp[i];
+    }
+    free(xn); free(q); free(k); free(v); free(att); free(tmp); free(g); free(u); free(scores_buf);
+}
