@@ -404,6 +404,9 @@ void gale_decode(const gale_dims *c, const gale_layer *layers, float *const *kc,
     float *att = malloc(sizeof(float) * n * qd), *tmp = malloc(sizeof(float) * n * dim);
     float *g = malloc(sizeof(float) * n * c->hidden), *u = malloc(sizeof(float) * n * c->hidden);
     float *scores_buf = malloc(sizeof(float) * threads * capacity);
+    int64_t parts = (2 * threads + n * KV - 1) / (n * KV); /* key ranges per (sequence, KV head) */
+    float *part_out = malloc(sizeof(float) * n * H * parts * hd);
+    float *part_max = malloc(sizeof(float) * n * H * parts), *part_sum = malloc(sizeof(float) * n * H * parts);
     float scale = 1.f / sqrtf((float)hd);
     for (int64_t l = 0; l < c->n_layers; l++) {
         const gale_layer *L = layers + l;
@@ -419,17 +422,37 @@ void gale_decode(const gale_dims *c, const gale_layer *layers, float *const *kc,
                 memcpy(kc[l] + at, k + (s * KV + kh) * hd, sizeof(float) * hd);
                 memcpy(vc[l] + at, v + (s * KV + kh) * hd, sizeof(float) * hd);
             }
+        /* Flash-decoding: an item is (sequence, KV head, key range) and serves the whole query group, so
+         * each K/V row is read once per group and the threads get equal shares; ranges merge below. */
 #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t sh = 0; sh < n * H; sh++) {
-            int64_t s = sh / H, hq = sh % H, keys = positions[s] + 1 < capacity ? positions[s] + 1 : capacity;
-            const float *kb = kc[l] + (slots[s] * KV + hq / group) * alloc * hd;
-            const float *vb = vc[l] + (slots[s] * KV + hq / group) * alloc * hd;
-            float *sc = scores_buf + omp_get_thread_num() * capacity, mx = -INFINITY, sum = 0.f;
-            scores(q + sh * hd, kb, keys, hd, scale, sc);
-            for (int64_t j = 0; j < keys; j++) mx = sc[j] > mx ? sc[j] : mx;
-            for (int64_t j = 0; j < keys; j++) sum += sc[j] = expf(sc[j] - mx);
-            for (int64_t j = 0; j < keys; j++) sc[j] /= sum;
-            weighted_sum(sc, vb, keys, hd, att + sh * hd);
+        for (int64_t it = 0; it < n * KV * parts; it++) {
+            int64_t s = it / (KV * parts), kh = it / parts % KV, p = it % parts;
+            int64_t keys = positions[s] + 1 < capacity ? positions[s] + 1 : capacity;
+            int64_t first = keys * p / parts, len = keys * (p + 1) / parts - first;
+            const float *kb = kc[l] + ((slots[s] * KV + kh) * alloc + first) * hd;
+            const float *vb = vc[l] + ((slots[s] * KV + kh) * alloc + first) * hd;
+            float *sc = scores_buf + omp_get_thread_num() * capacity;
+            for (int64_t hq = kh * group; hq < (kh + 1) * group; hq++) {
+                int64_t row = (s * H + hq) * parts + p;
+                float mx = -INFINITY, sum = 0.f;
+                scores(q + (s * H + hq) * hd, kb, len, hd, scale, sc);
+                for (int64_t j = 0; j < len; j++) mx = sc[j] > mx ? sc[j] : mx;
+                for (int64_t j = 0; j < len; j++) sum += sc[j] = expf(sc[j] - mx);
+                weighted_sum(sc, vb, len, hd, part_out + row * hd); /* zeros when len == 0 */
+                part_max[row] = mx;
+                part_sum[row] = sum;
+            }
+        }
+        for (int64_t sh = 0; sh < n * H; sh++) { /* merge the ranges' softmaxes (empty ranges weigh 0) */
+            const float *pm = part_max + sh * parts, *ps = part_sum + sh * parts, *po = part_out + sh * parts * hd;
+            float mx = -INFINITY, norm = 0.f, w[parts], *o = att + sh * hd;
+            for (int64_t p = 0; p < parts; p++) mx = pm[p] > mx ? pm[p] : mx;
+            for (int64_t p = 0; p < parts; p++) norm += ps[p] * (w[p] = ps[p] > 0.f ? expf(pm[p] - mx) : 0.f);
+            for (int64_t i = 0; i < hd; i++) {
+                float acc = 0.f;
+                for (int64_t p = 0; p < parts; p++) acc += w[p] * po[p * hd + i];
+                o[i] = acc / norm;
+            }
         }
         gale_gemv(&L->wo, att, tmp, n, threads);
         for (int64_t i = 0; i < n * dim; i++) h[i] += tmp[i];
@@ -440,5 +463,6 @@ void gale_decode(const gale_dims *c, const gale_layer *layers, float *const *kc,
         gale_gemv(&L->w2, g, tmp, n, threads);
         for (int64_t i = 0; i < n * dim; i++) h[i] += tmp[i];
     }
-    free(xn); free(q); free(k); free(v); free(att); free(tmp); free(g); free(u); free(scores_buf);
+    free(xn); free(q); free(k); free(v); free(att); free(tmp); free(g); free(u);
+    free(scores_buf); free(part_out); free(part_max); free(part_sum);
 }
