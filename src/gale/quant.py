@@ -29,7 +29,8 @@ from torch import nn
 SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
 GEMV_MAX_VECTORS = 8  # vectors per pass of the kernel over the blocks (MAX_VECTORS)
 GEMM_MIN_VECTORS = 64  # from here on, dequantize the layer and use torch's GEMM (prefill)
-KINDS = ("Q4_0", "Q4_1", "Q8_0")
+KINDS = ("Q4_0", "Q4_1", "Q8_0")  # kernels.c's GALE_Q4_0, GALE_Q4_1, GALE_Q8_0
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # per 32 weights
 
 
 @functools.cache
@@ -67,9 +68,9 @@ def kernels() -> ctypes.CDLL | None:
 
 
 class _QMat(ctypes.Structure):
-    """kernels.c's gale_qmat: one matrix of blocks."""
-    _fields_ = [("kind", ctypes.c_int64), ("qs", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p),
-                ("rows", ctypes.c_int64), ("cols", ctypes.c_int64)]
+    """kernels.c's gale_qmat: one matrix of GGUF block records."""
+    _fields_ = [("kind", ctypes.c_int64), ("blocks", ctypes.c_void_p), ("rows", ctypes.c_int64),
+                ("cols", ctypes.c_int64)]
 
 
 class _Layer(ctypes.Structure):
@@ -95,21 +96,20 @@ def _cpu_name() -> str:
 
 
 class QuantLinear(nn.Module):
-    """`y = x W^T` with W in 32-wide blocks: Q4 (16 nibble bytes, fp16 scale and offset) or Q8 (32 int8, scale).
+    """`y = x W^T` with W in GGUF's 32-wide block records (Q4_0, Q4_1, Q8_0), read in place.
 
-    Inference only (no gradient). `from_gguf` takes a tensor's raw GGUF blocks, rows = output features.
+    Inference only (no gradient). `from_gguf` takes a tensor's raw blocks, rows = output features; a view of
+    a memory-mapped file stays one (the weights are the file's pages: no copy, nothing to load).
     """
 
-    def __init__(self, kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,
-                 in_features: int, out_features: int) -> None:
+    def __init__(self, kind: str, blocks: np.ndarray, in_features: int, out_features: int) -> None:
         super().__init__()
         self.kind, self.in_features, self.out_features = kind, in_features, out_features
-        # Plain attributes, not buffers: CPU-only, never saved, and module attribute lookups cost
+        # A plain attribute, not a buffer: CPU-only, never saved, and module attribute lookups cost
         # microseconds that add up over 200 calls per decoded token.
-        self.blocks = (qs, d, m)
+        self.blocks = blocks
         self._lib = kernels()
-        self.mat = _QMat(1 if kind == "Q8_0" else 0, qs.data_ptr(), d.data_ptr(), 0 if m is None else m.data_ptr(),
-                         out_features, in_features)
+        self.mat = _QMat(KINDS.index(kind), blocks.ctypes.data, out_features, in_features)
         self._mat = ctypes.addressof(self.mat)
 
     @classmethod
@@ -118,16 +118,12 @@ class QuantLinear(nn.Module):
             raise ValueError(f"no kernel for {kind} blocks (or no C compiler to build it)")
         if in_features % 32:
             raise ValueError(f"in_features={in_features} is not a multiple of the 32-wide blocks")
-        size = 34 if kind == "Q8_0" else 20 if kind == "Q4_1" else 18
-        b = torch.from_numpy(np.ascontiguousarray(raw)).reshape(out_features, in_features // 32, size)
-        d = b[..., :2].contiguous().view(torch.int16).squeeze(-1)  # fp16 bits, read by the kernel
-        if kind == "Q8_0":
-            return cls(kind, b[..., 2:].contiguous().view(torch.int8), d, None, in_features, out_features)
-        if kind == "Q4_1":
-            m = b[..., 2:4].contiguous().view(torch.int16).squeeze(-1)
-        else:  # Q4_0: d * (q - 8) = d * q + (-8 d), and -8 d is exact in fp16
-            m = (d.view(torch.float16) * -8).view(torch.int16)
-        return cls("Q4", b[..., size - 16:].contiguous(), d, m, in_features, out_features)
+        size = BLOCK_BYTES[kind] * (in_features // 32)
+        if raw.size != out_features * size:
+            raise ValueError(f"{kind} blocks of {raw.size} bytes for a {out_features}x{in_features} weight "
+                             f"(expected {out_features * size})")
+        return cls(kind, np.ascontiguousarray(raw, dtype=np.uint8).reshape(out_features, size), in_features,
+                   out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous():

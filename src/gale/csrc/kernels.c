@@ -10,10 +10,10 @@
  * weight block once for all of them. Weights stay 4- or 8-bit in memory; nothing is rounded on the
  * activation side (llama.cpp rounds activations to 8 bits, which derails small models).
  *
- * Layouts (per row r, block b of 32 columns):
- *   Q4: qs[r][b][16] nibbles (low nibble = column j, high = column j + 16), fp16 scale d and offset m:
- *       W = d * q + m (Q4_1; Q4_0 is loaded as m = -8 d).
- *   Q8: qs[r][b][32] int8, fp16 scale d: W = d * q.
+ * Weights are read in GGUF's own block records (so a memory-mapped file is used in place, no copy), per row
+ * r and block b of 32 columns:
+ *   Q4_0 {fp16 d, qs[16]}, 18 bytes: W = d * q - 8 d;   Q4_1 {fp16 d, fp16 m, qs[16]}, 20 bytes: W = d * q + m;
+ *   Q8_0 {fp16 d, int8 qs[32]}, 34 bytes: W = d * q.   Nibbles: low = column j, high = column j + 16.
  * With sum_j W x_j = d * sum_j q x_j + m * sum_j x_j, the offset costs one product per block per vector.
  *
  * A single vector (decode at batch 1) takes an integer inner loop that keeps fp32 accuracy: each 32-block
@@ -67,6 +67,25 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 #endif
+
+enum { GALE_Q4_0 = 0, GALE_Q4_1 = 1, GALE_Q8_0 = 2 };
+
+static inline int64_t block_bytes(int64_t kind) { return kind == GALE_Q8_0 ? 34 : kind == GALE_Q4_1 ? 20 : 18; }
+
+/* The block's quantized values, scale d and offset m (0 for Q8_0). */
+static inline const uint8_t *block_qs(int64_t kind, const uint8_t *blk) { return blk + (kind == GALE_Q4_1 ? 4 : 2); }
+static inline float block_d(const uint8_t *blk) {
+    uint16_t h;
+    memcpy(&h, blk, 2);
+    return h2f(h);
+}
+static inline float block_m(int64_t kind, const uint8_t *blk, float d) {
+    if (kind == GALE_Q8_0) return 0.f;
+    if (kind == GALE_Q4_0) return -8.f * d;
+    uint16_t h;
+    memcpy(&h, blk + 2, 2);
+    return h2f(h);
+}
 
 /* Sum of each 32-block of each vector: the Q4 offset term. */
 static void block_sums(const float *x, int64_t n, int64_t cols, float *out) {
@@ -138,33 +157,26 @@ static void split_int16(const float *x, int64_t cols, int16_t *hi, int16_t *lo, 
     }
 }
 
-/* One output row, one vector split by split_int16. */
-static inline float row_dot_int16(int q8, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
-                                  const int16_t *hi, const int16_t *lo, const float *scale, const float *sums,
-                                  int64_t nb) {
-    float ds[nb], ms[nb]; /* d * s per block, and the offsets */
-    int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) {
-        __m256 db = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + b)));
-        _mm256_storeu_ps(ds + b, _mm256_mul_ps(db, _mm256_loadu_ps(scale + b)));
-        if (!q8) _mm256_storeu_ps(ms + b, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + b))));
-    }
-    for (; b < nb; b++) {
-        ds[b] = h2f(d[b]) * scale[b];
-        if (!q8) ms[b] = h2f(m[b]);
-    }
+/* One output row (its blocks at `row`), one vector split by split_int16. */
+static inline float row_dot_int16(int64_t kind, const uint8_t *row, const int16_t *hi, const int16_t *lo,
+                                  const float *scale, const float *sums, int64_t nb) {
+    int64_t bytes = block_bytes(kind);
     const __m128i low = _mm_set1_epi8(0x0f);
     const __m256 frac = _mm256_set1_ps(1.f / 32768.f);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (b = 0; b < nb; b++) {
+    float off = 0.f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * bytes, *qs = block_qs(kind, blk);
+        float d = block_d(blk);
         __m256i w0, w1;
-        if (q8) {
-            w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + b * 32)));
-            w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + b * 32 + 16)));
+        if (kind == GALE_Q8_0) {
+            w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)qs));
+            w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + 16)));
         } else {
-            __m128i raw = _mm_loadu_si128((const __m128i *)(qs + b * 16));
+            __m128i raw = _mm_loadu_si128((const __m128i *)qs);
             w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));
             w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));
+            off += block_m(kind, blk, d) * sums[b];
         }
         const __m256i *h = (const __m256i *)(hi + b * 32), *l = (const __m256i *)(lo + b * 32);
         __m256i sh = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(h)),
@@ -173,29 +185,29 @@ static inline float row_dot_int16(int q8, const uint8_t *qs, const uint16_t *d, 
                                       _mm256_madd_epi16(w1, _mm256_loadu_si256(l + 1)));
         __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sl), frac, _mm256_cvtepi32_ps(sh));
         if (b & 1)
-            acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(ds + b), t, acc1);
+            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d * scale[b]), t, acc1);
         else
-            acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(ds + b), t, acc0);
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * scale[b]), t, acc0);
     }
-    float off = 0.f;
-    for (b = 0; b < nb && !q8; b++) off += ms[b] * sums[b];
     return hsum(_mm256_add_ps(acc0, acc1)) + off;
 }
 #endif
 
-/* One output row for n vectors. q8: int8 blocks of 32 bytes (m unused); else nibble blocks of 16 bytes. */
-static inline void row_dot(int q8, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *x,
-                           const float *xs, int64_t nb, int64_t cols, int64_t n, float *out) {
-    int64_t bytes = q8 ? 32 : 16;
+/* One output row (its blocks at `row`) for n vectors, activations in fp32; xs: block sums (Q4 offsets). */
+static inline void row_dot(int64_t kind, const uint8_t *row, const float *x, const float *xs, int64_t nb,
+                           int64_t cols, int64_t n, float *out) {
+    int64_t bytes = block_bytes(kind);
+    int q8 = kind == GALE_Q8_0;
 #ifdef GALE_AVX2
     __m256 w[4];
     __m256 acc[MAX_VECTORS];
     float off[MAX_VECTORS] = {0};
     for (int64_t v = 0; v < n; v++) acc[v] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        if (q8) unpack_q8((const int8_t *)qs + b * bytes, w); else unpack_q4(qs + b * bytes, w);
-        __m256 vd = _mm256_set1_ps(h2f(d[b]));
-        float mb = q8 ? 0.f : h2f(m[b]);
+        const uint8_t *blk = row + b * bytes, *qs = block_qs(kind, blk);
+        if (q8) unpack_q8((const int8_t *)qs, w); else unpack_q4(qs, w);
+        float d = block_d(blk), mb = block_m(kind, blk, d);
+        __m256 vd = _mm256_set1_ps(d);
         for (int64_t v = 0; v < n; v++) {
             acc[v] = _mm256_fmadd_ps(vd, dot32(w, x + v * cols + b * 32), acc[v]);
             if (!q8) off[v] += mb * xs[v * nb + b];
@@ -205,18 +217,18 @@ static inline void row_dot(int q8, const uint8_t *qs, const uint16_t *d, const u
 #else
     float acc[MAX_VECTORS] = {0}, w[32];
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *q = qs + b * bytes;
+        const uint8_t *blk = row + b * bytes, *q = block_qs(kind, blk);
         for (int j = 0; j < 16 && !q8; j++) {
             w[j] = (float)(q[j] & 0x0f);
             w[j + 16] = (float)(q[j] >> 4);
         }
         for (int j = 0; j < 32 && q8; j++) w[j] = (float)((const int8_t *)q)[j];
-        float db = h2f(d[b]), mb = q8 ? 0.f : h2f(m[b]);
+        float db = block_d(blk), mb = block_m(kind, blk, db);
         for (int64_t v = 0; v < n; v++) {
             const float *xb = x + v * cols + b * 32;
             float s = 0.f;
             for (int j = 0; j < 32; j++) s += w[j] * xb[j];
-            acc[v] += db * s + (q8 ? 0.f : mb * xs[v * nb + b]);
+            acc[v] += db * s + mb * xs[v * nb + b];
         }
     }
     for (int64_t v = 0; v < n; v++) out[v] = acc[v];
@@ -224,20 +236,17 @@ static inline void row_dot(int q8, const uint8_t *qs, const uint16_t *d, const u
 }
 
 
-/* One block matrix (rows = output features): kind GALE_Q4 (16 nibble bytes, fp16 scale d and offset m per
- * block) or GALE_Q8 (32 int8, fp16 scale d). Mirrored by quant.py's _QMat. */
-enum { GALE_Q4 = 0, GALE_Q8 = 1 };
+/* One block matrix in GGUF records, rows = output features (kind: GALE_Q4_0/Q4_1/Q8_0). Mirrored by
+ * quant.py's _QMat. */
 typedef struct {
     int64_t kind;
-    const uint8_t *qs;
-    const uint16_t *d, *m;
+    const uint8_t *blocks;
     int64_t rows, cols;
 } gale_qmat;
 
 /* y[v] = W x[v] for up to MAX_VECTORS vectors: each block is read once for all of them. */
 static void gemv_pass(const gale_qmat *w, const float *x, float *y, int64_t n, int threads) {
-    int q8 = w->kind == GALE_Q8;
-    int64_t rows = w->rows, cols = w->cols, nb = cols / 32, bytes = q8 ? 32 : 16;
+    int64_t rows = w->rows, cols = w->cols, nb = cols / 32, stride = nb * block_bytes(w->kind);
     float *xs = malloc(sizeof(float) * n * nb);
 #ifdef GALE_AVX2
     if (n == 1) {
@@ -246,17 +255,16 @@ static void gemv_pass(const gale_qmat *w, const float *x, float *y, int64_t n, i
         split_int16(x, cols, hi, lo, scale, xs);
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * cols >= 65536)
         for (int64_t r = 0; r < rows; r++)
-            y[r] = row_dot_int16(q8, w->qs + r * nb * bytes, w->d + r * nb, q8 ? NULL : w->m + r * nb, hi, lo,
-                                 scale, xs, nb);
+            y[r] = row_dot_int16(w->kind, w->blocks + r * stride, hi, lo, scale, xs, nb);
         free(hi); free(lo); free(scale); free(xs);
         return;
     }
 #endif
-    if (!q8) block_sums(x, n, cols, xs);
+    block_sums(x, n, cols, xs);
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * cols >= 65536)
     for (int64_t r = 0; r < rows; r++) {
         float out[MAX_VECTORS];
-        row_dot(q8, w->qs + r * nb * bytes, w->d + r * nb, q8 ? NULL : w->m + r * nb, x, xs, nb, cols, n, out);
+        row_dot(w->kind, w->blocks + r * stride, x, xs, nb, cols, n, out);
         for (int64_t v = 0; v < n; v++) y[v * rows + r] = out[v];
     }
     free(xs);
@@ -270,22 +278,19 @@ void gale_gemv(const gale_qmat *w, const float *x, float *y, int64_t n, int thre
 
 /* fp32 rows of W: all of them (index NULL, n = rows) or rows index[0..n) (embedding lookups). */
 void gale_dequant(const gale_qmat *w, const int64_t *index, int64_t n, float *out, int threads) {
-    int64_t cols = w->cols, nb = cols / 32;
+    int64_t cols = w->cols, nb = cols / 32, bytes = block_bytes(w->kind);
 #pragma omp parallel for schedule(static) num_threads(threads) if (n * cols >= 65536)
     for (int64_t i = 0; i < n; i++) {
         int64_t r = index ? index[i] : i;
         for (int64_t b = 0; b < nb; b++) {
-            int64_t blk = r * nb + b;
-            float db = h2f(w->d[blk]), *o = out + i * cols + b * 32;
-            if (w->kind == GALE_Q8) {
-                const int8_t *q = (const int8_t *)w->qs + blk * 32;
-                for (int j = 0; j < 32; j++) o[j] = db * (float)q[j];
+            const uint8_t *blk = w->blocks + (r * nb + b) * bytes, *q = block_qs(w->kind, blk);
+            float d = block_d(blk), m = block_m(w->kind, blk, d), *o = out + i * cols + b * 32;
+            if (w->kind == GALE_Q8_0) {
+                for (int j = 0; j < 32; j++) o[j] = d * (float)((const int8_t *)q)[j];
             } else {
-                const uint8_t *q = w->qs + blk * 16;
-                float mb = h2f(w->m[blk]);
                 for (int j = 0; j < 16; j++) {
-                    o[j] = db * (float)(q[j] & 0x0f) + mb;
-                    o[j + 16] = db * (float)(q[j] >> 4) + mb;
+                    o[j] = d * (float)(q[j] & 0x0f) + m;
+                    o[j + 16] = d * (float)(q[j] >> 4) + m;
                 }
             }
         }
