@@ -72,6 +72,8 @@ def test_bad_blocks_are_refused():
         QuantLinear.from_gguf("Q5_K", np.zeros((4, 176), np.uint8), 4, 256)
     with pytest.raises(ValueError, match="multiple of the 32"):
         QuantLinear.from_gguf("Q8_0", np.zeros((4, 34), np.uint8), 4, 40)
+    with pytest.raises(ValueError, match="expected 80"):  # Q4_0-sized records (18 bytes) for a Q4_1 tensor
+        QuantLinear.from_gguf("Q4_1", np.zeros((4, 18), np.uint8), 4, 32)
 
 
 def test_default_model_keeps_its_blocks_and_its_logits(smollm2_path, smollm2_llm):
