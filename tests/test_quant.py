@@ -14,7 +14,15 @@ from gguf.quants import dequantize, quantize
 from gale.cache import RollingCache
 from gale.config import ModelArgs
 from gale.model import Transformer
-from gale.quant import GEMM_MIN_VECTORS, GEMV_MAX_VECTORS, DecodeKernel, QuantEmbedding, QuantLinear, kernels
+from gale.quant import (
+    GEMM_MIN_VECTORS,
+    GEMV_MAX_VECTORS,
+    PROJECTIONS,
+    DecodeKernel,
+    QuantEmbedding,
+    QuantLinear,
+    kernels,
+)
 
 pytestmark = pytest.mark.skipif(kernels() is None, reason="no C compiler for the kernels")
 
@@ -114,7 +122,7 @@ def quantized(model: Transformer, kind: str) -> Transformer:
     """A copy of `model` with every projection in `kind` blocks and the one-call decode installed."""
     q = copy.deepcopy(model)
     for block in q.layers:
-        for name in DecodeKernel.PROJECTIONS:
+        for name in PROJECTIONS:
             parent, _, attr = name.rpartition(".")
             weight = block.get_submodule(name).weight.detach()
             raw = quantize(weight.numpy(), GGMLQuantizationType[kind])

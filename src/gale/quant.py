@@ -1,12 +1,12 @@
 """Linear layers whose weights stay in llama.cpp's 4- and 8-bit blocks (Q4_0, Q4_1, Q8_0).
 
 Decoding one token reads every weight once, so its speed is the memory bandwidth divided by the weight
-bytes: blocks of 4.5-5 bits instead of fp32 make it up to 6x faster. The product is computed by a small C
-kernel (gale/csrc/gemv.c) with fp32 activations and fp32 sums, so answers stay those of the dequantized
-model. It is compiled on first use with the system's C compiler into ~/.cache/gale and called through
-ctypes (no Python headers, no ninja); without a compiler, models load dequantized as before.
-For many vectors at once (prefill, large batches) a block is unpacked to fp32 and multiplied by
-torch's GEMM, which is faster there than re-reading the blocks per vector.
+bytes: blocks of 4.5-5 bits instead of fp32 make it up to 6x faster. The product is computed by small C
+kernels (gale/csrc/kernels.c) with fp32-accurate activations and fp32 sums, so answers stay those of the
+dequantized model; a decode step can run all layers in one call (DecodeKernel). They are compiled on first
+use with the system's C compiler into ~/.cache/gale and called through ctypes (no Python headers, no
+ninja); without a compiler, models load dequantized as before. For more than 64 vectors at once (prefill)
+a layer is unpacked to fp32 and multiplied by torch's GEMM, faster there than re-reading the blocks.
 """
 
 from __future__ import annotations
@@ -73,10 +73,15 @@ class _QMat(ctypes.Structure):
                 ("cols", ctypes.c_int64)]
 
 
+# A transformer block's projections, in kernels.c's gale_layer order.
+PROJECTIONS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+               "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+
 class _Layer(ctypes.Structure):
     """kernels.c's gale_layer."""
     _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
-                *((name, _QMat) for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"))]
+                *((name.rpartition(".")[2], _QMat) for name in PROJECTIONS)]
 
 
 class _Dims(ctypes.Structure):
@@ -172,9 +177,6 @@ class DecodeKernel:
     reference (prefill, GPU, training), and tests hold the two to the same logits and greedy tokens.
     """
 
-    PROJECTIONS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-                   "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
-
     def __init__(self, model: nn.Module) -> None:
         a = model.args
         self._lib = kernels()
@@ -185,13 +187,13 @@ class DecodeKernel:
             self._norms += [block.attention_norm.weight.detach().float().contiguous(),
                             block.ffn_norm.weight.detach().float().contiguous()]
             spec.attn_norm, spec.ffn_norm = self._norms[-2].data_ptr(), self._norms[-1].data_ptr()
-            for name in self.PROJECTIONS:
+            for name in PROJECTIONS:
                 setattr(spec, name.rpartition(".")[2], block.get_submodule(name).mat)
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
         return kernels() is not None and all(
-            isinstance(block.get_submodule(name), QuantLinear) for block in model.layers for name in cls.PROJECTIONS)
+            isinstance(block.get_submodule(name), QuantLinear) for block in model.layers for name in PROJECTIONS)
 
     def __call__(self, h: torch.Tensor, rope: torch.Tensor, meta, cache) -> torch.Tensor | None:  # noqa: ANN001
         """Hidden states after the last layer for `meta`'s decode step, or None where this path does not apply

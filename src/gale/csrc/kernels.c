@@ -87,6 +87,19 @@ static inline float block_m(int64_t kind, const uint8_t *blk, float d) {
     return h2f(h);
 }
 
+/* The block's 32 quantized values as floats, before scale and offset (scalar code paths). */
+static inline void block_values(int64_t kind, const uint8_t *blk, float w[32]) {
+    const uint8_t *q = block_qs(kind, blk);
+    if (kind == GALE_Q8_0) {
+        for (int j = 0; j < 32; j++) w[j] = (float)((const int8_t *)q)[j];
+        return;
+    }
+    for (int j = 0; j < 16; j++) {
+        w[j] = (float)(q[j] & 0x0f);
+        w[j + 16] = (float)(q[j] >> 4);
+    }
+}
+
 /* Sum of each 32-block of each vector: the Q4 offset term. */
 static void block_sums(const float *x, int64_t n, int64_t cols, float *out) {
     int64_t nb = cols / 32;
@@ -197,8 +210,8 @@ static inline float row_dot_int16(int64_t kind, const uint8_t *row, const int16_
 static inline void row_dot(int64_t kind, const uint8_t *row, const float *x, const float *xs, int64_t nb,
                            int64_t cols, int64_t n, float *out) {
     int64_t bytes = block_bytes(kind);
-    int q8 = kind == GALE_Q8_0;
 #ifdef GALE_AVX2
+    int q8 = kind == GALE_Q8_0;
     __m256 w[4];
     __m256 acc[MAX_VECTORS];
     float off[MAX_VECTORS] = {0};
@@ -217,12 +230,8 @@ static inline void row_dot(int64_t kind, const uint8_t *row, const float *x, con
 #else
     float acc[MAX_VECTORS] = {0}, w[32];
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = row + b * bytes, *q = block_qs(kind, blk);
-        for (int j = 0; j < 16 && !q8; j++) {
-            w[j] = (float)(q[j] & 0x0f);
-            w[j + 16] = (float)(q[j] >> 4);
-        }
-        for (int j = 0; j < 32 && q8; j++) w[j] = (float)((const int8_t *)q)[j];
+        const uint8_t *blk = row + b * bytes;
+        block_values(kind, blk, w);
         float db = block_d(blk), mb = block_m(kind, blk, db);
         for (int64_t v = 0; v < n; v++) {
             const float *xb = x + v * cols + b * 32;
@@ -283,16 +292,10 @@ void gale_dequant(const gale_qmat *w, const int64_t *index, int64_t n, float *ou
     for (int64_t i = 0; i < n; i++) {
         int64_t r = index ? index[i] : i;
         for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = w->blocks + (r * nb + b) * bytes, *q = block_qs(w->kind, blk);
-            float d = block_d(blk), m = block_m(w->kind, blk, d), *o = out + i * cols + b * 32;
-            if (w->kind == GALE_Q8_0) {
-                for (int j = 0; j < 32; j++) o[j] = d * (float)((const int8_t *)q)[j];
-            } else {
-                for (int j = 0; j < 16; j++) {
-                    o[j] = d * (float)(q[j] & 0x0f) + m;
-                    o[j + 16] = d * (float)(q[j] >> 4) + m;
-                }
-            }
+            const uint8_t *blk = w->blocks + (r * nb + b) * bytes;
+            float d = block_d(blk), m = block_m(w->kind, blk, d), q[32], *o = out + i * cols + b * 32;
+            block_values(w->kind, blk, q);
+            for (int j = 0; j < 32; j++) o[j] = d * q[j] + m;
         }
     }
 }
