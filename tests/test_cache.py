@@ -53,6 +53,26 @@ def test_decode_writes_first_and_masks_by_slot_position():
     assert meta.mask[:, 0, 0].int().tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
 
 
+@pytest.mark.parametrize(("window", "capacity"), [(3, 3), (5, 5), (None, 16), (None, 40)])
+def test_decode_plans_against_brute_force(window, capacity):
+    """The decode fast path of plan(): every key is visible iff it is written and inside the window."""
+    g = torch.Generator().manual_seed(capacity)
+    for slots in ([0, 1, 2], [4, 0, 2], [3]):
+        start = torch.randint(0, 30 if window else capacity - 1, (len(slots),), generator=g).tolist()
+        meta = plan([1] * len(slots), start, window, capacity=capacity, slots=slots)
+        assert meta.decode and meta.seqlens == [1] * len(slots) and meta.positions.tolist() == start
+        assert meta.n_cached == min(capacity, max(start) + 1)
+        for b, q in enumerate(start):
+            held = {p % capacity: p for p in range(max(0, q + 1 - capacity), q + 1)}  # after writing q
+            for j in range(meta.n_cached):
+                seen = j in held and (window is None or held[j] > q - window)
+                assert meta.mask[b, 0, 0, j].item() == seen, (slots, start, b, j)
+        assert meta.write_src.tolist() == list(range(len(slots))) and meta.write_slot.tolist() == slots
+        assert meta.write_idx.tolist() == [p % capacity for p in start]
+        rows = torch.arange(8)[meta.slots].tolist()
+        assert rows == slots
+
+
 def test_padding_rows_never_fully_masked():
     meta = plan([1, 9], [0, 0], 2)
     assert meta.mask.any(-1).all()

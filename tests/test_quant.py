@@ -172,8 +172,19 @@ def test_one_call_decode_declines_a_cache_it_cannot_read():
     with torch.inference_mode():
         model(torch.tensor([1, 2, 3]), cache.prepare([0], [3]), cache)
         meta = cache.prepare([0], [1])
-        rope = torch.polar(torch.ones(1, 1, 8), torch.zeros(1, 1, 8))
-        assert model.decode_kernel(torch.zeros(1, 64), rope, meta, cache) is None  # the model runs its layers
+        assert model.decode_kernel(torch.zeros(1, 64), meta, cache) is None  # the model runs its layers
+
+
+def test_one_call_decode_rotates_by_the_models_own_table():
+    from gale.model import rope_rotations
+
+    args = ModelArgs(dim=64, n_layers=1, head_dim=16, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=20,
+                     rope_theta=1e6)
+    kernel = quantized(Transformer(args).eval(), "Q8_0").decode_kernel
+    small = kernel._rotations(5)
+    grown = kernel._rotations(small.shape[0] + 3000)  # grows past its first size
+    ref = torch.view_as_real(rope_rotations(torch.arange(grown.shape[0]), 16, 1e6))
+    assert grown.shape[0] > small.shape[0] + 3000 and torch.equal(grown, ref)
 
 
 def test_default_model_decodes_the_same_tokens_in_one_call(smollm2_llm):

@@ -130,8 +130,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each layer in backward: memory for fine-tuning
-        # All layers of a decode step at once (gale.quant.DecodeKernel), installed by the loader for CPU
-        # models with quantized projections; called as (h, rope, meta, cache) -> h, or None to decline.
+        # All layers of a decode step and the final norm at once (gale.quant.DecodeKernel), installed by the
+        # loader for CPU models with quantized projections; called as (h, meta, cache) -> final-norm hidden
+        # states, or None to decline.
         self.decode_kernel: Callable[..., torch.Tensor | None] | None = None
 
     @property
@@ -149,11 +150,10 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens must be 1-D with sum(seqlens)={n} entries, got shape {tuple(tokens.shape)}")
         if (meta.n_cached or meta.decode) and cache is None:
             raise ValueError("this plan reads a KV cache but none was given")
-        rope = rope_rotations(meta.positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(tokens)
-        fused = self.decode_kernel(h, rope, meta, cache) if meta.decode and self.decode_kernel else None
-        if fused is not None:
-            return self.norm(fused)
+        if meta.decode and self.decode_kernel is not None and (fused := self.decode_kernel(h, meta, cache)) is not None:
+            return fused
+        rope = rope_rotations(meta.positions, self.args.head_dim, self.args.rope_theta)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
             if recompute:
@@ -182,6 +182,6 @@ class Transformer(nn.Module):
         if meta is None:
             meta = plan([tokens.shape[0]], [0], self.args.sliding_window, device=tokens.device)
         h = self.hidden_states(tokens, meta, cache)
-        if last_only:
+        if last_only and h.shape[0] != meta.batch_size:
             h = h[meta.last_index]
         return self.logits(h)

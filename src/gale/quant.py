@@ -63,7 +63,7 @@ def kernels() -> ctypes.CDLL | None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     dll.gale_gemv.argtypes = [p, p, p, i64, i32]
     dll.gale_dequant.argtypes = [p, p, i64, p, i32]
-    dll.gale_decode.argtypes = [p, p, p, p, i64, i64, i64, p, p, p, p, i32]
+    dll.gale_decode.argtypes = [p, p, p, p, i64, i64, i64, p, p, p, p, p, i32]
     return dll
 
 
@@ -170,8 +170,8 @@ class QuantEmbedding(nn.Module):
 
 
 class DecodeKernel:
-    """Every layer of a decode step in one C call (kernels.c's `gale_decode`), for a model whose projections
-    are all QuantLinear: one Python call per token instead of ~40 torch ops per layer.
+    """Every layer of a decode step and the final norm in one C call (kernels.c's `gale_decode`), for a model
+    whose projections are all QuantLinear: one Python call per token instead of ~40 torch ops per layer.
 
     The loader installs it as `Transformer.decode_kernel`; model.py's Attention and FeedForward stay the
     reference (prefill, GPU, training), and tests hold the two to the same logits and greedy tokens.
@@ -182,7 +182,10 @@ class DecodeKernel:
         self._lib = kernels()
         self._dims = _Dims(a.n_layers, a.dim, a.hidden_dim, a.n_heads, a.n_kv_heads, a.head_dim, a.norm_eps)
         self._layers = (_Layer * a.n_layers)()
-        self._norms = []  # owners of the pointers handed to C
+        self._head_dim, self._theta = a.head_dim, a.rope_theta
+        self._rot = torch.empty(0)  # model.rope_rotations of positions 0.. as (cos, sin) pairs, grown on demand
+        self._pointers: tuple = ()  # (cache.k, cache.v, their ctypes arrays): rebuilt when the cache grows
+        self._norms = [model.norm.weight.detach().float().contiguous()]  # owners of the pointers handed to C
         for spec, block in zip(self._layers, model.layers):
             self._norms += [block.attention_norm.weight.detach().float().contiguous(),
                             block.ffn_norm.weight.detach().float().contiguous()]
@@ -195,19 +198,32 @@ class DecodeKernel:
         return kernels() is not None and all(
             isinstance(block.get_submodule(name), QuantLinear) for block in model.layers for name in PROJECTIONS)
 
-    def __call__(self, h: torch.Tensor, rope: torch.Tensor, meta, cache) -> torch.Tensor | None:  # noqa: ANN001
-        """Hidden states after the last layer for `meta`'s decode step, or None where this path does not apply
-        (a cache that is not fp32 on the CPU): the caller then runs the layers itself."""
+    def __call__(self, h: torch.Tensor, meta, cache) -> torch.Tensor | None:  # noqa: ANN001
+        """Final-norm hidden states after `meta`'s decode step, or None where this path does not apply (a cache
+        that is not fp32 on the CPU): the caller then runs the layers itself."""
         if cache is None or cache.dtype != torch.float32 or cache.device.type != "cpu":
             return None
         h = h.float().clone(memory_format=torch.contiguous_format)
         slots = meta.slots
         slots = torch.arange(slots.start, slots.stop) if isinstance(slots, slice) else slots.to(torch.int64)
         positions = meta.positions.to(torch.int64).contiguous()
-        rot = torch.view_as_real(rope).contiguous()
-        keys = (ctypes.c_void_p * len(cache.k))(*[t.data_ptr() for t in cache.k])
-        values = (ctypes.c_void_p * len(cache.v))(*[t.data_ptr() for t in cache.v])
-        self._lib.gale_decode(ctypes.addressof(self._dims), self._layers, keys, values, cache.allocated,
-                              cache.capacity, h.shape[0], slots.contiguous().data_ptr(), positions.data_ptr(),
-                              rot.data_ptr(), h.data_ptr(), torch.get_num_threads())
+        self._lib.gale_decode(ctypes.addressof(self._dims), self._layers, *self._cache_pointers(cache),
+                              cache.allocated, cache.capacity, h.shape[0], slots.contiguous().data_ptr(),
+                              positions.data_ptr(), self._rotations(int(positions.max())).data_ptr(),
+                              self._norms[0].data_ptr(), h.data_ptr(), torch.get_num_threads())
         return h
+
+    def _rotations(self, last: int) -> torch.Tensor:
+        """The table of rotations up to position `last`: the very values model.py's layers apply."""
+        if last >= self._rot.shape[0]:
+            from .model import rope_rotations
+
+            n = max(1024, 1 << last.bit_length())
+            self._rot = torch.view_as_real(rope_rotations(torch.arange(n), self._head_dim, self._theta)).contiguous()
+        return self._rot
+
+    def _cache_pointers(self, cache) -> tuple:  # noqa: ANN001
+        if not self._pointers or self._pointers[0] is not cache.k or self._pointers[1] is not cache.v:
+            arrays = [(ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts]) for ts in (cache.k, cache.v)]
+            self._pointers = (cache.k, cache.v, *arrays)
+        return self._pointers[2:]

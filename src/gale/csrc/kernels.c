@@ -66,7 +66,56 @@ static inline float hsum(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+
+/* e^x for 8 lanes (Cephes' expf polynomial, within 2 ulp of expf): softmax and SiLU call it ~10^5 times a
+ * token, where libm's scalar expf cost more than the attention's products. NaN stays NaN. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_set1_ps(-87.3f), _mm256_min_ps(_mm256_set1_ps(88.3f), x));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
 #endif
+
+/* x[i] = e^(x[i] - shift); returns their sum. */
+static float exp_shifted(float *x, int64_t n, float shift) {
+    int64_t i = 0;
+    float sum = 0.f;
+#ifdef GALE_AVX2
+    __m256 acc = _mm256_setzero_ps(), sh = _mm256_set1_ps(shift);
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
+        _mm256_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum(acc);
+#endif
+    for (; i < n; i++) sum += x[i] = expf(x[i] - shift);
+    return sum;
+}
+
+/* g[i] = silu(g[i]) * u[i], the SwiGLU gate. */
+static void swiglu(float *g, const float *u, int64_t n) {
+    int64_t i = 0;
+#ifdef GALE_AVX2
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(g + i);
+        __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        __m256 silu = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+}
 
 enum { GALE_Q4_0 = 0, GALE_Q4_1 = 1, GALE_Q8_0 = 2 };
 
@@ -137,7 +186,22 @@ static inline __m256 dot32(const __m256 w[4], const float *x) {
 #endif
 
 #ifdef GALE_AVX2
-/* x [cols] -> per block: hi/lo int16 halves, scale s and the fp32 block sum (Q4 offsets). */
+/* The int16 values of a block's columns (n[k] = columns 8k..8k+7) stored in the order the weight unpacking
+ * below produces them: columns 0, 2, .., 14 | 1, 3, .., 15 | 16, 18, .., 30 | 17, 19, .., 31. */
+static inline void store_paired(int16_t *dst, __m256i n01, __m256i n23) {
+    const __m128i evens_odds = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+    __m128i e0 = _mm_shuffle_epi8(_mm256_castsi256_si128(n01), evens_odds);
+    __m128i e1 = _mm_shuffle_epi8(_mm256_extracti128_si256(n01, 1), evens_odds);
+    __m128i e2 = _mm_shuffle_epi8(_mm256_castsi256_si128(n23), evens_odds);
+    __m128i e3 = _mm_shuffle_epi8(_mm256_extracti128_si256(n23, 1), evens_odds);
+    _mm_storeu_si128((__m128i *)dst, _mm_unpacklo_epi64(e0, e1));
+    _mm_storeu_si128((__m128i *)(dst + 8), _mm_unpackhi_epi64(e0, e1));
+    _mm_storeu_si128((__m128i *)(dst + 16), _mm_unpacklo_epi64(e2, e3));
+    _mm_storeu_si128((__m128i *)(dst + 24), _mm_unpackhi_epi64(e2, e3));
+}
+
+/* x [cols] -> per block: hi/lo int16 halves (store_paired order), scale s and the fp32 block sum (Q4
+ * offsets). */
 static void split_int16(const float *x, int64_t cols, int16_t *hi, int16_t *lo, float *scale, float *sums) {
     const __m256 sign = _mm256_set1_ps(-0.f), frac = _mm256_set1_ps(32768.f);
     for (int64_t b = 0; b < cols / 32; b++) {
@@ -155,6 +219,7 @@ static void split_int16(const float *x, int64_t cols, int16_t *hi, int16_t *lo, 
         scale[b] = tiny ? 0.f : top / 32767.f;
         sums[b] = hsum(sum);
         __m256 inv = _mm256_set1_ps(tiny ? 0.f : 32767.f / top);
+        __m256i hp[2], lp[2];
         for (int k = 0; k < 4; k += 2) {
             __m256 t0 = _mm256_mul_ps(v[k], inv), t1 = _mm256_mul_ps(v[k + 1], inv);
             __m256 h0 = _mm256_round_ps(t0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -162,47 +227,57 @@ static void split_int16(const float *x, int64_t cols, int16_t *hi, int16_t *lo, 
             __m256i l0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(t0, h0), frac));
             __m256i l1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(t1, h1), frac));
             /* packs interleaves 128-bit lanes: permute back to column order */
-            __m256i hp = _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_cvtps_epi32(h0), _mm256_cvtps_epi32(h1)), 0xd8);
-            __m256i lp = _mm256_permute4x64_epi64(_mm256_packs_epi32(l0, l1), 0xd8);
-            _mm256_storeu_si256((__m256i *)(hi + b * 32 + 8 * k), hp);
-            _mm256_storeu_si256((__m256i *)(lo + b * 32 + 8 * k), lp);
+            hp[k / 2] = _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_cvtps_epi32(h0), _mm256_cvtps_epi32(h1)), 0xd8);
+            lp[k / 2] = _mm256_permute4x64_epi64(_mm256_packs_epi32(l0, l1), 0xd8);
         }
+        store_paired(hi + b * 32, hp[0], hp[1]);
+        store_paired(lo + b * 32, lp[0], lp[1]);
     }
 }
 
-/* One output row (its blocks at `row`), one vector split by split_int16. */
+/* One output row (its blocks at `row`), one vector split by split_int16. 128-bit operations: this CPU
+ * family splits 256-bit ones, and widening nibbles across 128-bit lanes cost more than the products.
+ * A block's 16 bytes, read as eight 16-bit lanes, hold columns (2k, 2k + 16) in byte 2k and (2k + 1,
+ * 2k + 17) in byte 2k + 1: masks and shifts give four vectors of columns in store_paired's order. */
 static inline float row_dot_int16(int64_t kind, const uint8_t *row, const int16_t *hi, const int16_t *lo,
                                   const float *scale, const float *sums, int64_t nb) {
     int64_t bytes = block_bytes(kind);
-    const __m128i low = _mm_set1_epi8(0x0f);
-    const __m256 frac = _mm256_set1_ps(1.f / 32768.f);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const __m128i nibble = _mm_set1_epi16(0x000f);
+    const __m128 frac = _mm_set1_ps(1.f / 32768.f);
+    __m128 acc0 = _mm_setzero_ps(), acc1 = _mm_setzero_ps();
     float off = 0.f;
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * bytes, *qs = block_qs(kind, blk);
         float d = block_d(blk);
-        __m256i w0, w1;
-        if (kind == GALE_Q8_0) {
-            w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)qs));
-            w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + 16)));
+        __m128i w[4];
+        if (kind == GALE_Q8_0) { /* sign-extend the low and high byte of each lane */
+            __m128i r0 = _mm_loadu_si128((const __m128i *)qs), r1 = _mm_loadu_si128((const __m128i *)(qs + 16));
+            w[0] = _mm_srai_epi16(_mm_slli_epi16(r0, 8), 8);
+            w[1] = _mm_srai_epi16(r0, 8);
+            w[2] = _mm_srai_epi16(_mm_slli_epi16(r1, 8), 8);
+            w[3] = _mm_srai_epi16(r1, 8);
         } else {
             __m128i raw = _mm_loadu_si128((const __m128i *)qs);
-            w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));
-            w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));
+            w[0] = _mm_and_si128(raw, nibble);
+            w[1] = _mm_and_si128(_mm_srli_epi16(raw, 8), nibble);
+            w[2] = _mm_and_si128(_mm_srli_epi16(raw, 4), nibble);
+            w[3] = _mm_srli_epi16(raw, 12);
             off += block_m(kind, blk, d) * sums[b];
         }
-        const __m256i *h = (const __m256i *)(hi + b * 32), *l = (const __m256i *)(lo + b * 32);
-        __m256i sh = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(h)),
-                                      _mm256_madd_epi16(w1, _mm256_loadu_si256(h + 1)));
-        __m256i sl = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(l)),
-                                      _mm256_madd_epi16(w1, _mm256_loadu_si256(l + 1)));
-        __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sl), frac, _mm256_cvtepi32_ps(sh));
+        const __m128i *h = (const __m128i *)(hi + b * 32), *l = (const __m128i *)(lo + b * 32);
+        __m128i sh = _mm_add_epi32(_mm_add_epi32(_mm_madd_epi16(w[0], _mm_loadu_si128(h)), _mm_madd_epi16(w[1], _mm_loadu_si128(h + 1))),
+                                   _mm_add_epi32(_mm_madd_epi16(w[2], _mm_loadu_si128(h + 2)), _mm_madd_epi16(w[3], _mm_loadu_si128(h + 3))));
+        __m128i sl = _mm_add_epi32(_mm_add_epi32(_mm_madd_epi16(w[0], _mm_loadu_si128(l)), _mm_madd_epi16(w[1], _mm_loadu_si128(l + 1))),
+                                   _mm_add_epi32(_mm_madd_epi16(w[2], _mm_loadu_si128(l + 2)), _mm_madd_epi16(w[3], _mm_loadu_si128(l + 3))));
+        __m128 t = _mm_fmadd_ps(_mm_cvtepi32_ps(sl), frac, _mm_cvtepi32_ps(sh));
         if (b & 1)
-            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d * scale[b]), t, acc1);
+            acc1 = _mm_fmadd_ps(_mm_set1_ps(d * scale[b]), t, acc1);
         else
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * scale[b]), t, acc0);
+            acc0 = _mm_fmadd_ps(_mm_set1_ps(d * scale[b]), t, acc0);
     }
-    return hsum(_mm256_add_ps(acc0, acc1)) + off;
+    __m128 s = _mm_add_ps(acc0, acc1);
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s))) + off;
 }
 #endif
 
@@ -257,18 +332,6 @@ typedef struct {
 static void gemv_pass(const gale_qmat *w, const float *x, float *y, int64_t n, int threads) {
     int64_t rows = w->rows, cols = w->cols, nb = cols / 32, stride = nb * block_bytes(w->kind);
     float *xs = malloc(sizeof(float) * n * nb);
-#ifdef GALE_AVX2
-    if (n == 1) {
-        int16_t *hi = malloc(sizeof(int16_t) * cols), *lo = malloc(sizeof(int16_t) * cols);
-        float *scale = malloc(sizeof(float) * nb);
-        split_int16(x, cols, hi, lo, scale, xs);
-#pragma omp parallel for schedule(static) num_threads(threads) if (rows * cols >= 65536)
-        for (int64_t r = 0; r < rows; r++)
-            y[r] = row_dot_int16(w->kind, w->blocks + r * stride, hi, lo, scale, xs, nb);
-        free(hi); free(lo); free(scale); free(xs);
-        return;
-    }
-#endif
     block_sums(x, n, cols, xs);
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * cols >= 65536)
     for (int64_t r = 0; r < rows; r++) {
@@ -279,10 +342,41 @@ static void gemv_pass(const gale_qmat *w, const float *x, float *y, int64_t n, i
     free(xs);
 }
 
-/* y = x W^T for n vectors x [n, cols] -> y [n, rows], in passes of MAX_VECTORS. */
+/* y[i] = x W[i]^T for `count` matrices of the same input width (q/k/v, or gate/up: one input), x [n, cols]
+ * -> y[i] [n, rows_i]. One vector is split to int16 once for all of them and the matrices' rows run in one
+ * parallel region without barriers between them; more vectors go in passes of MAX_VECTORS. */
+static void gemv_shared(const gale_qmat *const *ws, float *const *ys, int count, const float *x, int64_t n,
+                        int threads) {
+    int64_t cols = ws[0]->cols;
+#ifdef GALE_AVX2
+    if (n == 1) {
+        int64_t nb = cols / 32, work = 0;
+        int16_t *hi = malloc(sizeof(int16_t) * cols), *lo = malloc(sizeof(int16_t) * cols);
+        float *scale = malloc(sizeof(float) * nb), *xs = malloc(sizeof(float) * nb);
+        split_int16(x, cols, hi, lo, scale, xs);
+        for (int i = 0; i < count; i++) work += ws[i]->rows * cols;
+#pragma omp parallel num_threads(threads) if (work >= 65536)
+        for (int i = 0; i < count; i++) {
+            const gale_qmat *w = ws[i];
+            int64_t stride = nb * block_bytes(w->kind);
+            float *y = ys[i];
+#pragma omp for schedule(static) nowait
+            for (int64_t r = 0; r < w->rows; r++)
+                y[r] = row_dot_int16(w->kind, w->blocks + r * stride, hi, lo, scale, xs, nb);
+        }
+        free(hi); free(lo); free(scale); free(xs);
+        return;
+    }
+#endif
+    for (int i = 0; i < count; i++)
+        for (int64_t v = 0; v < n; v += MAX_VECTORS)
+            gemv_pass(ws[i], x + v * cols, ys[i] + v * ws[i]->rows, n - v < MAX_VECTORS ? n - v : MAX_VECTORS,
+                      threads);
+}
+
+/* y = x W^T for n vectors x [n, cols] -> y [n, rows]. */
 void gale_gemv(const gale_qmat *w, const float *x, float *y, int64_t n, int threads) {
-    for (int64_t v = 0; v < n; v += MAX_VECTORS)
-        gemv_pass(w, x + v * w->cols, y + v * w->rows, n - v < MAX_VECTORS ? n - v : MAX_VECTORS, threads);
+    gemv_shared(&w, &y, 1, x, n, threads);
 }
 
 /* fp32 rows of W: all of them (index NULL, n = rows) or rows index[0..n) (embedding lookups). */
@@ -383,12 +477,12 @@ static void rms_norm(const float *x, const float *w, float *out, int64_t n, int6
     }
 }
 
-/* Rotate interleaved pairs of each head by the sequence's (cos, sin) pairs: rope [n, head_dim/2, 2]. */
-static void rope(float *x, const float *rot, int64_t n, int64_t heads, int64_t head_dim) {
+/* Rotate interleaved pairs of each head by its position's (cos, sin) pairs: table [positions, head_dim/2, 2]. */
+static void rope(float *x, const float *table, const int64_t *positions, int64_t n, int64_t heads, int64_t head_dim) {
     for (int64_t v = 0; v < n; v++)
         for (int64_t h = 0; h < heads; h++) {
             float *p = x + (v * heads + h) * head_dim;
-            const float *r = rot + v * head_dim;
+            const float *r = table + positions[v] * head_dim;
             for (int64_t j = 0; j < head_dim / 2; j++) {
                 float a = p[2 * j], b = p[2 * j + 1], c = r[2 * j], s = r[2 * j + 1];
                 p[2 * j] = a * c - b * s;
@@ -397,14 +491,15 @@ static void rope(float *x, const float *rot, int64_t n, int64_t heads, int64_t h
         }
 }
 
-/* Every layer of a decode step for n sequences, one new token each, hidden states h [n, dim] in place.
+/* Every layer of a decode step for n sequences, one new token each, then the final norm: hidden states
+ * h [n, dim] in place. rot: RoPE's rotations of every position up to the largest one, [.., head_dim/2, 2].
  * Cache layer l: kc[l], vc[l] = [slots, n_kv_heads, alloc, head_dim]; position p is stored at index
  * p % capacity of its sequence's slot (alloc >= min(p + 1, capacity)). Written first, then attended: with
  * the engine's cache every stored entry of a sequence is inside its window (capacity <= window, or the
  * cache refuses to outgrow capacity), so the query attends entries 0 .. min(p + 1, capacity) - 1. */
 void gale_decode(const gale_dims *c, const gale_layer *layers, float *const *kc, float *const *vc, int64_t alloc,
                  int64_t capacity, int64_t n, const int64_t *slots, const int64_t *positions, const float *rot,
-                 float *h, int threads) {
+                 const float *norm, float *h, int threads) {
     int64_t dim = c->dim, hd = c->head_dim, H = c->n_heads, KV = c->n_kv_heads, group = H / KV;
     int64_t qd = H * hd, kd = KV * hd, big = c->hidden > dim ? c->hidden : dim;
     float *xn = malloc(sizeof(float) * n * big), *q = malloc(sizeof(float) * n * qd);
@@ -419,11 +514,11 @@ void gale_decode(const gale_dims *c, const gale_layer *layers, float *const *kc,
     for (int64_t l = 0; l < c->n_layers; l++) {
         const gale_layer *L = layers + l;
         rms_norm(h, L->attn_norm, xn, n, dim, c->eps);
-        gale_gemv(&L->wq, xn, q, n, threads);
-        gale_gemv(&L->wk, xn, k, n, threads);
-        gale_gemv(&L->wv, xn, v, n, threads);
-        rope(q, rot, n, H, hd);
-        rope(k, rot, n, KV, hd);
+        const gale_qmat *qkv_w[3] = {&L->wq, &L->wk, &L->wv}, *ffn_w[2] = {&L->w1, &L->w3};
+        float *qkv_y[3] = {q, k, v}, *ffn_y[2] = {g, u};
+        gemv_shared(qkv_w, qkv_y, 3, xn, n, threads);
+        rope(q, rot, positions, n, H, hd);
+        rope(k, rot, positions, n, KV, hd);
         for (int64_t s = 0; s < n; s++)
             for (int64_t kh = 0; kh < KV; kh++) {
                 int64_t at = ((slots[s] * KV + kh) * alloc + positions[s] % capacity) * hd;
@@ -442,10 +537,10 @@ void gale_decode(const gale_dims *c, const gale_layer *layers, float *const *kc,
             float *sc = scores_buf + omp_get_thread_num() * capacity;
             for (int64_t hq = kh * group; hq < (kh + 1) * group; hq++) {
                 int64_t row = (s * H + hq) * parts + p;
-                float mx = -INFINITY, sum = 0.f;
+                float mx = -INFINITY, sum;
                 scores(q + (s * H + hq) * hd, kb, len, hd, scale, sc);
                 for (int64_t j = 0; j < len; j++) mx = sc[j] > mx ? sc[j] : mx;
-                for (int64_t j = 0; j < len; j++) sum += sc[j] = expf(sc[j] - mx);
+                sum = exp_shifted(sc, len, mx);
                 weighted_sum(sc, vb, len, hd, part_out + row * hd); /* zeros when len == 0 */
                 part_max[row] = mx;
                 part_sum[row] = sum;
@@ -465,12 +560,12 @@ void gale_decode(const gale_dims *c, const gale_layer *layers, float *const *kc,
         gale_gemv(&L->wo, att, tmp, n, threads);
         for (int64_t i = 0; i < n * dim; i++) h[i] += tmp[i];
         rms_norm(h, L->ffn_norm, xn, n, dim, c->eps);
-        gale_gemv(&L->w1, xn, g, n, threads);
-        gale_gemv(&L->w3, xn, u, n, threads);
-        for (int64_t i = 0; i < n * c->hidden; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        gemv_shared(ffn_w, ffn_y, 2, xn, n, threads);
+        swiglu(g, u, n * c->hidden);
         gale_gemv(&L->w2, g, tmp, n, threads);
         for (int64_t i = 0; i < n * dim; i++) h[i] += tmp[i];
     }
+    rms_norm(h, norm, h, n, dim, c->eps);
     free(xn); free(q); free(k); free(v); free(att); free(tmp); free(g); free(u);
     free(scores_buf); free(part_out); free(part_max); free(part_sum);
 }
