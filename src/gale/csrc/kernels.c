@@ -14,14 +14,15 @@
  * r and block b of 32 columns:
  *   Q4_0 {fp16 d, qs[16]}, 18 bytes: W = d * q - 8 d;   Q4_1 {fp16 d, fp16 m, qs[16]}, 20 bytes: W = d * q + m;
  *   Q8_0 {fp16 d, int8 qs[32]}, 34 bytes: W = d * q.   Nibbles: low = column j, high = column j + 16.
- * With sum_j W x_j = d * sum_j q x_j + m * sum_j x_j, the offset costs one product per block per vector.
  *
+ * Several vectors (batched decode) share each block, dequantized once to fp32 in registers, by fp32 FMAs.
  * A single vector (decode at batch 1) takes an integer inner loop that keeps fp32 accuracy: each 32-block
  * of x is split as x = s * (hi + lo / 2^15) with int16 hi, lo and an fp32 scale s (~30 bits, finer than
  * the fp32 rounding of x * (1/s) itself), and both halves go through vpmaddwd with the 4/8-bit weights.
  * Measured against double-precision sums it is as exact as the fp32 path (tests/test_quant.py), and 2x
- * faster here: converting nibbles to fp32 was the cost. Blocks whose largest |x| is below 1e-30 count
- * as zeros (their products are below fp32's resolution of any sum they join).
+ * faster here: converting nibbles to fp32 was the cost. With sum_j W x_j = d * sum_j q x_j + m * sum_j x_j
+ * the offset costs one product per block. Blocks whose largest |x| is below 1e-30 count as zeros (their
+ * products are below fp32's resolution of any sum they join).
  */
 #include <math.h>
 #include <omp.h>
@@ -149,17 +150,6 @@ static inline void block_values(int64_t kind, const uint8_t *blk, float w[32]) {
     }
 }
 
-/* Sum of each 32-block of each vector: the Q4 offset term. */
-static void block_sums(const float *x, int64_t n, int64_t cols, float *out) {
-    int64_t nb = cols / 32;
-    for (int64_t v = 0; v < n; v++)
-        for (int64_t b = 0; b < nb; b++) {
-            float s = 0.f;
-            for (int j = 0; j < 32; j++) s += x[v * cols + b * 32 + j];
-            out[v * nb + b] = s;
-        }
-}
-
 #ifdef GALE_AVX2
 /* The 32 weights of a block as four vectors of 8 floats (before scale and offset). */
 static inline void unpack_q4(const uint8_t *q, __m256 w[4]) {
@@ -175,13 +165,6 @@ static inline void unpack_q4(const uint8_t *q, __m256 w[4]) {
 static inline void unpack_q8(const int8_t *q, __m256 w[4]) {
     for (int k = 0; k < 4; k++)
         w[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * k))));
-}
-
-static inline __m256 dot32(const __m256 w[4], const float *x) {
-    __m256 s = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
-    s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + 8), s);
-    s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + 16), s);
-    return _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), s);
 }
 #endif
 
@@ -281,42 +264,52 @@ static inline float row_dot_int16(int64_t kind, const uint8_t *row, const int16_
 }
 #endif
 
-/* One output row (its blocks at `row`) for n vectors, activations in fp32; xs: block sums (Q4 offsets). */
-static inline void row_dot(int64_t kind, const uint8_t *row, const float *x, const float *xs, int64_t nb,
-                           int64_t cols, int64_t n, float *out) {
+/* One output row (its blocks at `row`) for N vectors, activations in fp32: each block is dequantized once
+ * (d * q + m, the loaders' values) and multiplied into every vector. N is a compile-time constant at each
+ * call (row_dot's switch), so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void row_dot_n(int64_t kind, const uint8_t *row, const float *x,
+                                                            int64_t nb, int64_t cols, const int N, float *out) {
     int64_t bytes = block_bytes(kind);
 #ifdef GALE_AVX2
-    int q8 = kind == GALE_Q8_0;
-    __m256 w[4];
-    __m256 acc[MAX_VECTORS];
-    float off[MAX_VECTORS] = {0};
-    for (int64_t v = 0; v < n; v++) acc[v] = _mm256_setzero_ps();
+    __m256 w[4], acc[MAX_VECTORS];
+    for (int v = 0; v < N; v++) acc[v] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * bytes, *qs = block_qs(kind, blk);
-        if (q8) unpack_q8((const int8_t *)qs, w); else unpack_q4(qs, w);
-        float d = block_d(blk), mb = block_m(kind, blk, d);
-        __m256 vd = _mm256_set1_ps(d);
-        for (int64_t v = 0; v < n; v++) {
-            acc[v] = _mm256_fmadd_ps(vd, dot32(w, x + v * cols + b * 32), acc[v]);
-            if (!q8) off[v] += mb * xs[v * nb + b];
-        }
+        if (kind == GALE_Q8_0) unpack_q8((const int8_t *)qs, w); else unpack_q4(qs, w);
+        float d = block_d(blk);
+        __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(block_m(kind, blk, d));
+        for (int k = 0; k < 4; k++) w[k] = _mm256_fmadd_ps(w[k], vd, vm);
+        for (int k = 0; k < 4; k++)
+            for (int v = 0; v < N; v++)
+                acc[v] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(x + v * cols + b * 32 + 8 * k), acc[v]);
     }
-    for (int64_t v = 0; v < n; v++) out[v] = hsum(acc[v]) + off[v];
+    for (int v = 0; v < N; v++) out[v] = hsum(acc[v]);
 #else
     float acc[MAX_VECTORS] = {0}, w[32];
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * bytes;
         block_values(kind, blk, w);
-        float db = block_d(blk), mb = block_m(kind, blk, db);
-        for (int64_t v = 0; v < n; v++) {
+        float d = block_d(blk), m = block_m(kind, blk, d);
+        for (int j = 0; j < 32; j++) w[j] = d * w[j] + m;
+        for (int v = 0; v < N; v++) {
             const float *xb = x + v * cols + b * 32;
             float s = 0.f;
             for (int j = 0; j < 32; j++) s += w[j] * xb[j];
-            acc[v] += db * s + mb * xs[v * nb + b];
+            acc[v] += s;
         }
     }
-    for (int64_t v = 0; v < n; v++) out[v] = acc[v];
+    for (int v = 0; v < N; v++) out[v] = acc[v];
 #endif
+}
+
+static void row_dot(int64_t kind, const uint8_t *row, const float *x, int64_t nb, int64_t cols, int64_t n,
+                    float *out) {
+    switch (n) {
+#define GALE_ROW_DOT(N) case N: row_dot_n(kind, row, x, nb, cols, N, out); break;
+    GALE_ROW_DOT(1) GALE_ROW_DOT(2) GALE_ROW_DOT(3) GALE_ROW_DOT(4)
+    GALE_ROW_DOT(5) GALE_ROW_DOT(6) GALE_ROW_DOT(7) GALE_ROW_DOT(8)
+#undef GALE_ROW_DOT
+    }
 }
 
 
@@ -331,15 +324,12 @@ typedef struct {
 /* y[v] = W x[v] for up to MAX_VECTORS vectors: each block is read once for all of them. */
 static void gemv_pass(const gale_qmat *w, const float *x, float *y, int64_t n, int threads) {
     int64_t rows = w->rows, cols = w->cols, nb = cols / 32, stride = nb * block_bytes(w->kind);
-    float *xs = malloc(sizeof(float) * n * nb);
-    block_sums(x, n, cols, xs);
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * cols >= 65536)
     for (int64_t r = 0; r < rows; r++) {
         float out[MAX_VECTORS];
-        row_dot(w->kind, w->blocks + r * stride, x, xs, nb, cols, n, out);
+        row_dot(w->kind, w->blocks + r * stride, x, nb, cols, n, out);
         for (int64_t v = 0; v < n; v++) y[v * rows + r] = out[v];
     }
-    free(xs);
 }
 
 /* y[i] = x W[i]^T for `count` matrices of the same input width (q/k/v, or gate/up: one input), x [n, cols]
