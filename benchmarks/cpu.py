@@ -63,10 +63,18 @@ def batch_prompts(b: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 # engines (each runs inside its own subprocess)
 # ---------------------------------------------------------------------------------------------------------
-def run_torch(_: argparse.Namespace, __: dict) -> dict:
-    import torch  # noqa: F401
+def run_torch(a: argparse.Namespace, __: dict) -> dict:
+    """A bare torch process: its RSS (the baseline of every engine's) and the machine's fp32 GEMM peak."""
+    import torch
 
-    return {"rss_mb": rss_mb()}
+    rss = rss_mb()
+    torch.set_num_threads(a.threads)
+    x = torch.randn(3072, 3072)
+    x @ x
+    t0 = time.perf_counter()
+    for _ in range(3):
+        x @ x
+    return {"rss_mb": rss, "gemm_gflops": 3 * 2 * 3072**3 / (time.perf_counter() - t0) / 1e9}
 
 
 def gale_single(engine, prompt: list[int], n: int) -> tuple[float, float, list[int]]:  # noqa: ANN001
@@ -96,7 +104,8 @@ def run_gale(a: argparse.Namespace, job: dict) -> dict:
     load_s = time.perf_counter() - t0
     figures = single_stream(lambda ids, k: gale_single(llm.engine, ids, k), job["long"], a.decode_tokens, a.repeats)
     text = llm.chat([{"role": "user", "content": CHAT_Q}], max_tokens=40).text
-    out = {"load_s": load_s, **figures, "rss_mb": rss_mb(), "text": text}
+    weights = sum(m.in_features * m.out_features for m in llm.model.layers.modules() if hasattr(m, "in_features"))
+    out = {"load_s": load_s, **figures, "rss_mb": rss_mb(), "text": text, "gflop_per_token": 2 * weights / 1e9}
     for b in a.batches:
         llm.engine = Engine(llm.model, llm.tokenizer, max_seqs=b)
         prompts = batch_prompts(b)
@@ -432,6 +441,13 @@ def main() -> None:
     for name, res in results.items():
         if "peak" in name or "rss_peak_mb" in res:
             print(f"{name}: peak RSS after batch runs {res['rss_peak_mb']:.0f} MB")
+    gemm, gale = results["torch"].get("gemm_gflops"), results.get("gale", {})
+    if gemm and "gflop_per_token" in gale:
+        hf = results.get("transformers", {}).get("prefill_tps")
+        print(f"Prefill ceiling: fp32 GEMM peak {gemm:.1f} GFLOPS (torch.mm 3072x3072, {a.threads} threads) / "
+              f"{gale['gflop_per_token']:.3f} GFLOP per token (2 x layer weights, attention left out) = "
+              f"{gemm / gale['gflop_per_token']:.0f} tok/s at most for any fp32 engine"
+              + (f"; 3x transformers would be {3 * hf:.0f} tok/s." if hf else "."))
     print(f'\nGreedy answers to "{CHAT_Q}" (chat template, 40 tokens max):')
     for name, res in results.items():
         if "text" in res:
