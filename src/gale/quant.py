@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .model import rope_rotations
+
 SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
 GEMV_MAX_VECTORS = 8  # vectors per pass of the kernel over the blocks (MAX_VECTORS)
 GEMM_MIN_VECTORS = 64  # from here on, dequantize the layer and use torch's GEMM (prefill)
@@ -216,8 +218,6 @@ class DecodeKernel:
     def _rotations(self, last: int) -> torch.Tensor:
         """The table of rotations up to position `last`: the very values model.py's layers apply."""
         if last >= self._rot.shape[0]:
-            from .model import rope_rotations
-
             n = max(1024, 1 << last.bit_length())
             self._rot = torch.view_as_real(rope_rotations(torch.arange(n), self._head_dim, self._theta)).contiguous()
         return self._rot
