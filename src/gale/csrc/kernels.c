@@ -137,16 +137,17 @@ static inline float block_m(int64_t kind, const uint8_t *blk, float d) {
     return h2f(h);
 }
 
-/* The block's 32 quantized values as floats, before scale and offset (scalar code paths). */
-static inline void block_values(int64_t kind, const uint8_t *blk, float w[32]) {
+/* The block's 32 weights d * q + m in fp32 (scalar code paths: dequantization, the portable row loop). */
+static inline void block_weights(int64_t kind, const uint8_t *blk, float w[32]) {
     const uint8_t *q = block_qs(kind, blk);
+    float d = block_d(blk), m = block_m(kind, blk, d);
     if (kind == GALE_Q8_0) {
-        for (int j = 0; j < 32; j++) w[j] = (float)((const int8_t *)q)[j];
+        for (int j = 0; j < 32; j++) w[j] = d * (float)((const int8_t *)q)[j] + m;
         return;
     }
     for (int j = 0; j < 16; j++) {
-        w[j] = (float)(q[j] & 0x0f);
-        w[j + 16] = (float)(q[j] >> 4);
+        w[j] = d * (float)(q[j] & 0x0f) + m;
+        w[j + 16] = d * (float)(q[j] >> 4) + m;
     }
 }
 
@@ -166,9 +167,7 @@ static inline void unpack_q8(const int8_t *q, __m256 w[4]) {
     for (int k = 0; k < 4; k++)
         w[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * k))));
 }
-#endif
 
-#ifdef GALE_AVX2
 /* The int16 values of a block's columns (n[k] = columns 8k..8k+7) stored in the order the weight unpacking
  * below produces them: columns 0, 2, .., 14 | 1, 3, .., 15 | 16, 18, .., 30 | 17, 19, .., 31. */
 static inline void store_paired(int16_t *dst, __m256i n01, __m256i n23) {
@@ -287,10 +286,7 @@ static inline __attribute__((always_inline)) void row_dot_n(int64_t kind, const 
 #else
     float acc[MAX_VECTORS] = {0}, w[32];
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = row + b * bytes;
-        block_values(kind, blk, w);
-        float d = block_d(blk), m = block_m(kind, blk, d);
-        for (int j = 0; j < 32; j++) w[j] = d * w[j] + m;
+        block_weights(kind, row + b * bytes, w);
         for (int v = 0; v < N; v++) {
             const float *xb = x + v * cols + b * 32;
             float s = 0.f;
@@ -375,12 +371,8 @@ void gale_dequant(const gale_qmat *w, const int64_t *index, int64_t n, float *ou
 #pragma omp parallel for schedule(static) num_threads(threads) if (n * cols >= 65536)
     for (int64_t i = 0; i < n; i++) {
         int64_t r = index ? index[i] : i;
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = w->blocks + (r * nb + b) * bytes;
-            float d = block_d(blk), m = block_m(w->kind, blk, d), q[32], *o = out + i * cols + b * 32;
-            block_values(w->kind, blk, q);
-            for (int j = 0; j < 32; j++) o[j] = d * q[j] + m;
-        }
+        for (int64_t b = 0; b < nb; b++)
+            block_weights(w->kind, w->blocks + (r * nb + b) * bytes, out + i * cols + b * 32);
     }
 }
 
