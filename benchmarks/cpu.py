@@ -100,14 +100,15 @@ def run_gale(a: argparse.Namespace, job: dict) -> dict:
     from gale.engine import Engine
 
     t0 = time.perf_counter()
-    llm = gale.load(a.model, device="cpu", dtype="fp32", max_seqs=1, progress=False)
+    # No prefix cache: every repeat computes its whole prompt (llama.cpp's runs reset their cache too).
+    llm = gale.load(a.model, device="cpu", dtype="fp32", max_seqs=1, progress=False, prefix_cache_tokens=0)
     load_s = time.perf_counter() - t0
     figures = single_stream(lambda ids, k: gale_single(llm.engine, ids, k), job["long"], a.decode_tokens, a.repeats)
     text = llm.chat([{"role": "user", "content": CHAT_Q}], max_tokens=40).text
     weights = sum(m.in_features * m.out_features for m in llm.model.layers.modules() if hasattr(m, "in_features"))
     out = {"load_s": load_s, **figures, "rss_mb": rss_mb(), "text": text, "gflop_per_token": 2 * weights / 1e9}
     for b in a.batches:
-        llm.engine = Engine(llm.model, llm.tokenizer, max_seqs=b)
+        llm.engine = Engine(llm.model, llm.tokenizer, max_seqs=b, prefix_cache_tokens=0)
         prompts = batch_prompts(b)
         llm.generate(prompts[:2], max_tokens=2, ignore_eos=True)  # warm-up
         ts = []
@@ -291,7 +292,7 @@ def run_synth_gale(a: argparse.Namespace, job: dict) -> dict:
     ids = job["synth"]
     with torch.inference_mode():
         head = last_logits_head(model(torch.tensor(ids), last_only=True)[0])
-    engine = Engine(model, _StubTokenizer(), max_seqs=1)
+    engine = Engine(model, _StubTokenizer(), max_seqs=1, prefix_cache_tokens=0)
     figures = single_stream(lambda ids, k: gale_single(engine, ids, k), ids, a.synth_decode, a.repeats)
     return {**figures, "logits": head, "rss_mb": rss_mb()}
 

@@ -4,6 +4,11 @@ Starts `gale serve` on loopback in a subprocess (default model unless --model), 
 chat requests through httpx, `--requests-per-level` x concurrency requests at each level. Prints a Markdown table.
 
     python benchmarks/server.py [--model PATH] [--levels 1 4 16 64] [--max-tokens 64] [--max-seqs 16]
+        [--prefix-cache TOKENS] [--distinct]
+
+The questions cycle through six, so with the prefix cache on (the server's default) most of each prompt is
+reused; `--distinct` makes every question unique (only the chat template's start is shared) and
+`--prefix-cache 0` computes every prompt in full.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> tuple[float, float, int]:
+async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int, tag: str) -> tuple[float, float, int]:
     """(latency s, time to first token s, completion tokens) of one streamed greedy chat request."""
-    body = {"model": "bench", "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+    content = (tag.format(i=i) + " " if tag else "") + QUESTIONS[i % len(QUESTIONS)]
+    body = {"model": "bench", "messages": [{"role": "user", "content": content}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True}
     start, first, tokens = time.perf_counter(), None, 0
@@ -49,12 +55,12 @@ async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> tup
     return time.perf_counter() - start, first or 0.0, tokens
 
 
-async def level(url: str, concurrency: int, n: int, max_tokens: int) -> dict[str, float]:
+async def level(url: str, concurrency: int, n: int, max_tokens: int, tag: str) -> dict[str, float]:
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         async def bounded(i: int) -> tuple[float, float, int]:
             async with sem:
-                return await one_request(client, i, max_tokens)
+                return await one_request(client, i, max_tokens, tag)
 
         start = time.perf_counter()
         results = await asyncio.gather(*(bounded(i) for i in range(n)))
@@ -75,10 +81,14 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-seqs", type=int, default=16)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--prefix-cache", type=int, default=2048, help="the server's prefix cache in tokens (0 = off)")
+    p.add_argument("--distinct", action="store_true",
+                   help="open every question with its request number: only the chat template's start is shared")
     a = p.parse_args()
     port = free_port()
     cmd = [sys.executable, "-m", "gale.cli", "serve", "--port", str(port), "--served-model-name", "bench",
-           "--max-seqs", str(a.max_seqs), "--max-queue", str(max(a.levels) * 2)] + (["--model", a.model] if a.model
+           "--max-seqs", str(a.max_seqs), "--max-queue", str(max(a.levels) * 2),
+           "--prefix-cache", str(a.prefix_cache)] + (["--model", a.model] if a.model
                                                                                     else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     server = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
@@ -94,11 +104,15 @@ def main() -> None:
             if time.time() > deadline or server.poll() is not None:
                 sys.exit("server did not start")
             time.sleep(0.5)
-        rows = [asyncio.run(level(url, c, max(4, a.requests_per_level * c), a.max_tokens)) for c in a.levels]
+        tags = [f"(request {c}-{{i}})" if a.distinct else "" for c in a.levels]
+        rows = [asyncio.run(level(url, c, max(4, a.requests_per_level * c), a.max_tokens, t))
+                for c, t in zip(a.levels, tags)]
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(f"gale serve, max-seqs {a.max_seqs}, {a.max_tokens} new tokens per request (greedy, EOS ignored), "
+    print(f"gale serve, max-seqs {a.max_seqs}, prefix cache {a.prefix_cache} tokens"
+          f"{', distinct questions' if a.distinct else ''}, {a.max_tokens} new tokens "
+          "per request (greedy, EOS ignored), "
           f"{a.threads} threads, model {a.model or 'default (SmolLM2-135M-Instruct Q4_1)'}\n")
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |")

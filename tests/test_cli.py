@@ -38,6 +38,7 @@ def test_interactive_chat_keeps_history_and_resets(smollm2_path):
     (["generate", "hi", "--top-p", "2"], "top_p"),
     (["generate", "", "--max-tokens", "3"], "empty"),
     (["info", "/no/such/model"], "no such file"),
+    (["generate", "hi", "--prefix-cache", "5"], "prefix cache"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(smollm2_path, args, message):
     r = gale(*args)

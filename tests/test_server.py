@@ -80,6 +80,22 @@ def test_chat_answers_and_matches_the_python_api(client, smollm2_llm):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
+def test_a_shared_prompt_beginning_is_reported_as_cached(server, client):
+    def metric(name: str) -> float:
+        line = next(x for x in httpx.get(server.url + "/metrics").text.splitlines() if x.startswith(name + " "))
+        return float(line.split()[1])
+
+    hits = metric("gale_prefix_cache_hit_tokens_total")
+    ask = [{"role": "user", "content": "Name a colour of the rainbow, one word only."}]
+    first = client.chat.completions.create(model=NAME, messages=ask, max_tokens=6, temperature=0)
+    again = client.chat.completions.create(model=NAME, messages=ask, max_tokens=6, temperature=0)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 16 <= cached < again.usage.prompt_tokens  # whole blocks, the last prompt token always computed
+    assert metric("gale_prefix_cache_hit_tokens_total") - hits >= cached
+    assert metric("gale_prompt_tokens_total") >= 2 * again.usage.prompt_tokens
+
+
 def test_streamed_chat_equals_non_streamed(client):
     kw = dict(model=NAME, messages=QUESTION, max_tokens=24, temperature=0)
     whole = client.chat.completions.create(**kw).choices[0].message.content

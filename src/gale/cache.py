@@ -221,6 +221,12 @@ class RollingCache:
             fresh[:, :, : old.shape[2]] = old
         self.k, self.v = new[: self.n_layers], new[self.n_layers :]
 
+    def _ensure(self, positions: int) -> None:
+        """Allocate room for `positions` per sequence (at most `capacity`), doubling to grow rarely."""
+        needed = min(self.capacity, positions)
+        if needed > self.allocated:
+            self._grow(min(self.capacity, max(needed, 2 * self.allocated)))
+
     @property
     def allocated(self) -> int:
         """Positions per sequence currently allocated (<= capacity)."""
@@ -255,13 +261,31 @@ class RollingCache:
                     raise CacheFullError(
                         f"sequence in slot {s} would reach {n + c} tokens; this cache holds {self.capacity}"
                     )
-        needed = min(self.capacity, max(n + c for n, c in zip(start, seqlens)))
-        if needed > self.allocated:
-            self._grow(min(self.capacity, max(needed, 2 * self.allocated)))
+        self._ensure(max(n + c for n, c in zip(start, seqlens)))
         meta = plan(seqlens, start, self.window, capacity=self.capacity, slots=slots, device=self.device)
         for s, c in zip(slots, seqlens):
             self.lengths[s] += c
         return meta
+
+    def load(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Start slot's sequence with the keys/values `[layers, n_kv_heads, n, head_dim]` of positions 0..n-1
+        (a stored prefix; n <= capacity, so position p is buffer index p)."""
+        n = k.shape[2]
+        if n > self.capacity:
+            raise ValueError(f"a prefix of {n} positions does not fit a cache of {self.capacity}")
+        self._ensure(n)
+        for layer in range(self.n_layers):
+            self.k[layer][slot, :, :n] = k[layer]
+            self.v[layer][slot, :, :n] = v[layer]
+        self.lengths[slot] = n
+
+    def read(self, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values `[layers, n_kv_heads, end - start, head_dim]` of positions start..end-1, which must not
+        have rolled (end <= capacity) nor been overwritten (the sequence holds fewer than start + capacity)."""
+        if end > min(self.capacity, self.lengths[slot]) or self.lengths[slot] > start + self.capacity:
+            raise ValueError(f"positions {start}..{end - 1} are not in slot {slot}'s buffer")
+        return (torch.stack([t[slot, :, start:end] for t in self.k]),
+                torch.stack([t[slot, :, start:end] for t in self.v]))
 
     def keys_values(self, layer: int, meta: BatchMeta) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `n_cached` buffer entries of the batch's slots: `[B, n_kv_heads, n_cached, head_dim]`."""

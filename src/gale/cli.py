@@ -16,6 +16,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-len", type=int, default=None,
                    help="stop sequences at this many tokens (default: the model's context)")
     p.add_argument("--lora", default=None, metavar="PATH", help="a LoRA adapter folder (from gale finetune) to apply")
+    p.add_argument("--prefix-cache", type=int, default=2048, metavar="TOKENS",
+                   help="positions of keys/values kept for prompts that begin alike (0 = off)")
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -41,7 +43,8 @@ def _load(a: argparse.Namespace):  # noqa: ANN202 - gale.llm.LLM, imported lazil
     from .llm import load
 
     llm = load(a.model, device=a.device, dtype=a.dtype, context_len=a.context_len,
-               max_seqs=getattr(a, "max_seqs", 8), quantized=not a.lora)  # merging an adapter needs fp32 weights
+               max_seqs=getattr(a, "max_seqs", 8), quantized=not a.lora,  # merging an adapter needs fp32 weights
+               prefix_cache_tokens=a.prefix_cache)
     if a.lora:  # merged in place: inference runs at the base model's speed
         from .lora import load_adapter
 

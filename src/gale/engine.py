@@ -9,6 +9,10 @@ Length limit: a sequence stops with finish_reason "length" at `max_tokens`, or w
 output reaches the context length (the model's `max_seq_len` unless the caller sets
 `context_len`). With a sliding window the rolling cache keeps memory flat, so `context_len` may
 be raised past the trained context; without one it may not exceed the cache capacity.
+
+Prefix caching (gale.prefix): a sequence starts from the longest stored prefix of its prompt that earlier
+sequences computed (a shared system prompt, few-shot examples, the earlier turns of a chat), and every
+sequence's whole blocks are stored as they fill, prompt and answer alike.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 from .cache import RollingCache
 from .model import Transformer
+from .prefix import PrefixCache
 from .sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
 
 
@@ -50,6 +55,7 @@ class Sequence:
     text: str = ""
     emitted: int = 0
     n_cached: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
     slot: int | None = None
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -81,6 +87,14 @@ def _stop_prefix_len(text: str, stops: list[str]) -> int:
     return best
 
 
+def _common_blocks(a: list[int], b: list[int], block: int) -> int:
+    """How many whole leading blocks of `block` tokens `a` and `b` share."""
+    n = 0
+    while (n + 1) * block <= min(len(a), len(b)) and a[n * block : (n + 1) * block] == b[n * block : (n + 1) * block]:
+        n += 1
+    return n
+
+
 @dataclass
 class Completion:
     text: str
@@ -109,6 +123,7 @@ class Engine:
         context_len: int | None = None,
         cache_len: int | None = None,
         step_tokens: int | None = None,
+        prefix_cache_tokens: int = 2048,
     ) -> None:
         args = model.args
         self.model, self.tokenizer = model, tokenizer
@@ -121,6 +136,7 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free_slots = list(range(max_seqs))
+        self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self._ids = itertools.count()
 
     # -- requests -------------------------------------------------------------------------
@@ -156,11 +172,17 @@ class Engine:
 
     # -- one step ---------------------------------------------------------------------------
     def _schedule(self) -> list[tuple[Sequence, int]]:
+        later = []
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
+            if self._prefix_in_flight(seq):
+                later.append(seq)
+                continue
             seq.slot = self.free_slots.pop(0)
             self.cache.reset(seq.slot)
+            self._reuse_prefix(seq)
             self.running.append(seq)
+        self.waiting.extendleft(reversed(later))
         decoding = [(s, 1) for s in self.running if s.n_cached and s.pending == 1]
         budget = max(self.step_tokens - len(decoding), 0)
         prefilling = []
@@ -185,6 +207,7 @@ class Engine:
         logits = self.model(torch.tensor(tokens, device=self.model.device), meta, self.cache, last_only=True)
         for seq, n in batch:
             seq.n_cached += n
+            self._store_prefix(seq, n)
         ready = [(i, s) for i, (s, _) in enumerate(batch) if s.pending == 0]
         if not ready:
             return []
@@ -194,6 +217,38 @@ class Engine:
         for row, seq, tok in zip(rows, seqs, chosen):
             self._accept(seq, tok, row)
         return seqs
+
+    def _prefix_in_flight(self, seq: Sequence) -> bool:
+        """Whether a running sequence is prefilling more of `seq`'s prompt than the store holds: `seq` then waits
+        (a step per chunk of the shared part) and reuses those keys/values instead of computing them alongside.
+        That is n > 1 samples of one prompt, or a burst of requests with a long shared system prompt."""
+        if self.prefixes is None:
+            return False
+        block, prompt = self.prefixes.block, seq.prompt[: min(len(seq.prompt) - 1, self.cache.capacity)]
+        stored = len(self.prefixes.match(prompt))
+        return any(s.n_cached < len(s.prompt) and _common_blocks(prompt, s.prompt, block) > stored
+                   for s in self.running)
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Start `seq` from the stored K/V of its prompt's longest known prefix (one token at least is left to
+        compute: its logits give the first answer token)."""
+        if self.prefixes is None:
+            return
+        if blocks := self.prefixes.match(seq.prompt[: min(len(seq.prompt) - 1, self.cache.capacity)]):
+            self.cache.load(seq.slot, torch.cat([b.k for b in blocks], dim=2), torch.cat([b.v for b in blocks], dim=2))
+            seq.n_cached = seq.cached_tokens = len(blocks) * self.prefixes.block
+
+    def _store_prefix(self, seq: Sequence, added: int) -> None:
+        """Store `seq`'s blocks that the last step completed, while they are below the cache's capacity."""
+        if self.prefixes is None:
+            return
+        block, capacity = self.prefixes.block, self.cache.capacity
+        end = min(seq.n_cached, capacity)
+        if end // block == min(seq.n_cached - added, capacity) // block:
+            return
+        ids = (seq.prompt + seq.output)[:end]
+        self.prefixes.extend(ids, seq.n_cached - self.cache.capacity,
+                             lambda a, b: self.cache.read(seq.slot, a, b))
 
     def _accept(self, seq: Sequence, tok: int, logits: torch.Tensor) -> None:
         p = seq.params

@@ -53,13 +53,15 @@ class LLM:
     """A loaded model with its tokenizer and engine. Methods accept one prompt or a list (batched)."""
 
     def __init__(self, path: Path, *, device: str, dtype: torch.dtype, max_seqs: int = 8,
-                 context_len: int | None = None, progress: bool = True, quantized: bool = True) -> None:
+                 context_len: int | None = None, progress: bool = True, quantized: bool = True,
+                 prefix_cache_tokens: int = 2048) -> None:
         self.path = path
         ckpt = open_checkpoint(path)
         self.checkpoint = ckpt
         self.model = load_model(ckpt, device=device, dtype=dtype, progress=progress, keep_quantized=quantized)
         self.tokenizer = load_tokenizer(path, gguf_metadata=ckpt.gguf_metadata)
-        self.engine = Engine(self.model, self.tokenizer, max_seqs=max_seqs, context_len=context_len)
+        self.engine = Engine(self.model, self.tokenizer, max_seqs=max_seqs, context_len=context_len,
+                             prefix_cache_tokens=prefix_cache_tokens)
 
     @property
     def args(self):  # noqa: ANN201 - ModelArgs
@@ -105,14 +107,18 @@ class LLM:
 
 
 def load(model: str | Path | None = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
-         max_seqs: int = 8, context_len: int | None = None, progress: bool = True, quantized: bool = True) -> LLM:
+         max_seqs: int = 8, context_len: int | None = None, progress: bool = True, quantized: bool = True,
+         prefix_cache_tokens: int = 2048) -> LLM:
     """Load a Mistral folder, a Hugging Face folder or a .gguf file (None: the embedded default model).
 
     `quantized`: on the CPU in fp32, a GGUF's Q4_0/Q4_1/Q8_0 linear layers stay in their blocks (a C kernel
     with fp32 activations, about 2x faster decoding, a quarter of the memory); False dequantizes every
     weight to plain tensors, which LoRA training and merging need.
+    `prefix_cache_tokens`: positions of keys/values kept for reuse by later prompts that begin the same way
+    (0 turns it off; each costs 2 x layers x kv_heads x head_dim values, 46 KB for SmolLM2, 128 KB for
+    Mistral 7B in bf16).
     """
     path = Path(model) if model is not None else default_model_path()
     device = device or default_device()
     return LLM(path, device=device, dtype=_dtype(dtype, device), max_seqs=max_seqs, context_len=context_len,
-               progress=progress, quantized=quantized)
+               progress=progress, quantized=quantized, prefix_cache_tokens=prefix_cache_tokens)

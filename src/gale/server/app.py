@@ -114,7 +114,10 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, max_que
     async def metrics() -> PlainTextResponse:
         m = runner.metrics
         rows = [("requests_total", "counter", m.requests), ("requests_rejected_total", "counter", m.rejected),
-                ("generated_tokens_total", "counter", m.generated_tokens), ("running_sequences", "gauge", m.running),
+                ("generated_tokens_total", "counter", m.generated_tokens),
+                ("prompt_tokens_total", "counter", m.prompt_tokens),
+                ("prefix_cache_hit_tokens_total", "counter", m.cached_prompt_tokens),
+                ("running_sequences", "gauge", m.running),
                 ("waiting_sequences", "gauge", m.waiting), ("tokens_per_second", "gauge", round(m.tokens_per_s, 3))]
         text = "".join(f"# TYPE gale_{k} {t}\ngale_{k} {v}\n" for k, t, v in rows)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
@@ -175,7 +178,7 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, max_que
                     ids += u.token_ids
                     if u.finish_reason:
                         results.append(Update("".join(text), lps, ids, u.finish_reason, None, u.prompt_tokens,
-                                              u.completion_tokens))
+                                              u.completion_tokens, u.cached_tokens))
                         break
         finally:
             for h in handles:
@@ -227,7 +230,8 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, max_que
     def usage(results: list[Update], prompts: list[list[int]]) -> dict:
         p = sum(len(x) for x in prompts)
         c = sum(r.completion_tokens for r in results)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": min(p, sum(r.cached_tokens for r in results))}}
 
     def sse(obj: dict | str) -> str:
         return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"

@@ -35,6 +35,7 @@ class Update:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
 
 
 @dataclass
@@ -56,6 +57,8 @@ class Metrics:
     requests: int = 0
     rejected: int = 0
     generated_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
     running: int = 0
     waiting: int = 0
     tokens_per_s: float = 0.0
@@ -165,7 +168,11 @@ class EngineRunner:
                 new = slice(handle.sent_tokens, len(seq.output))
                 handle.sent_tokens = len(seq.output)
                 update = Update(seq.take_delta(), seq.logprobs[new], seq.output[new], seq.finish_reason,
-                                prompt_tokens=len(seq.prompt), completion_tokens=len(seq.output))
+                                prompt_tokens=len(seq.prompt), completion_tokens=len(seq.output),
+                                cached_tokens=seq.cached_tokens)
+                if new.start == 0:  # the request's first token: its prompt is done
+                    self.metrics.prompt_tokens += len(seq.prompt)
+                    self.metrics.cached_prompt_tokens += seq.cached_tokens
                 if seq.finished:
                     self._finish(handle, update)
                 else:
