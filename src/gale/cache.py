@@ -185,6 +185,13 @@ def _decode_plan(
     )
 
 
+def buffer_capacity(args: ModelArgs, capacity: int | None = None) -> int:
+    """Positions a sequence's buffer holds: the window (enough to never forget a visible key) or the context,
+    or less when the caller bounds memory."""
+    limit = min(args.sliding_window, args.max_seq_len) if args.sliding_window else args.max_seq_len
+    return min(capacity, limit) if capacity else limit
+
+
 class RollingCache:
     """K/V buffers for `max_seqs` sequences, bounded by `capacity` positions each.
 
@@ -202,8 +209,7 @@ class RollingCache:
         dtype: torch.dtype = torch.float32,
         initial: int = 256,
     ) -> None:
-        limit = min(args.sliding_window, args.max_seq_len) if args.sliding_window else args.max_seq_len
-        self.capacity = min(capacity, limit) if capacity else limit
+        self.capacity = buffer_capacity(args, capacity)
         self.window = args.sliding_window
         # A buffer at least as long as the window never forgets a key that is still visible.
         self.rolls = self.window is not None and self.capacity >= self.window

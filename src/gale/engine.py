@@ -27,7 +27,7 @@ import torch
 
 from .cache import RollingCache
 from .model import Transformer
-from .prefix import PrefixCache
+from .prefix import PrefixCache, common_prefix_len
 from .sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
 
 
@@ -85,14 +85,6 @@ def _stop_prefix_len(text: str, stops: list[str]) -> int:
                 best = n
                 break
     return best
-
-
-def _common_blocks(a: list[int], b: list[int], block: int) -> int:
-    """How many whole leading blocks of `block` tokens `a` and `b` share."""
-    n = 0
-    while (n + 1) * block <= min(len(a), len(b)) and a[n * block : (n + 1) * block] == b[n * block : (n + 1) * block]:
-        n += 1
-    return n
 
 
 @dataclass
@@ -226,7 +218,7 @@ class Engine:
             return False
         block, prompt = self.prefixes.block, seq.prompt[: min(len(seq.prompt) - 1, self.cache.capacity)]
         stored = len(self.prefixes.match(prompt))
-        return any(s.n_cached < len(s.prompt) and _common_blocks(prompt, s.prompt, block) > stored
+        return any(s.n_cached < len(s.prompt) and common_prefix_len(prompt, s.prompt) // block > stored
                    for s in self.running)
 
     def _reuse_prefix(self, seq: Sequence) -> None:

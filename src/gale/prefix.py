@@ -19,6 +19,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share (compared 64 at a time, then one by one)."""
+    n, end = 0, min(len(a), len(b))
+    while n + 64 <= end and a[n : n + 64] == b[n : n + 64]:
+        n += 64
+    while n < end and a[n] == b[n]:
+        n += 1
+    return n
+
+
 Reader = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 

@@ -1,8 +1,9 @@
 """Log-likelihood scoring: what evaluation, moderation and the server's prompt logprobs (echo) share.
 
-Scoring needs no cache: each (context, continuation) pair is one fresh sequence, and many of them
-are packed into one forward. Identical inputs (e.g. a question scored against single-token answers
-A/B/C/D) are computed once.
+Each (context, continuation) pair is one sequence, and many of them are packed into one forward.
+Identical inputs (e.g. a question scored against single-token answers A/B/C/D) are computed once, and
+inputs that begin alike (few-shot examples shared by every question of a task) have that beginning
+computed once: its keys/values are copied into each sequence's slot of a cache, and only the rest is run.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .cache import RollingCache, plan
+from .cache import RollingCache, buffer_capacity, plan
 from .model import Transformer
+from .prefix import common_prefix_len
 from .sampling import TokenLogprob
+
+MIN_SHARED = 32  # tokens a group of inputs must share before their common beginning is computed once
 
 
 @dataclass
@@ -48,6 +52,7 @@ def score_continuations(
     *,
     max_batch_tokens: int = 4096,
     progress: bool = False,
+    min_shared: int = MIN_SHARED,
 ) -> list[Score]:
     """Log-probability of each continuation given its context (context is truncated on the left to fit)."""
     limit = model.args.max_seq_len
@@ -69,22 +74,42 @@ def score_continuations(
     wanted: dict[int, set[int]] = {}
     for row, start, targets in jobs:
         wanted.setdefault(row, set()).update(range(start, start + len(targets)))
-    lengths = [len(k) for k in keys]
-    order = sorted(range(len(keys)), key=lambda r: -lengths[r])
     logprob_rows: dict[int, dict[int, torch.Tensor]] = {}
 
-    bar = tqdm(total=len(keys), desc="scoring", unit="seq", disable=not progress)
-    for rows in _batches(lengths, order, max_batch_tokens):
-        tokens = torch.tensor([t for r in rows for t in keys[r]], device=model.device)
-        meta = plan([lengths[r] for r in rows], [0] * len(rows), model.args.sliding_window, device=model.device)
-        h = model.hidden_states(tokens, meta, None)
-        offsets = torch.tensor([0] + [lengths[r] for r in rows]).cumsum(0).tolist()
-        picks = [(r, p) for r, off in zip(rows, offsets) for p in sorted(wanted[r])]
+    def run(rows: list[int], shared: int, cache: RollingCache | None) -> None:
+        """One forward over rows `rows` from position `shared` on (the cache holds what comes before)."""
+        lens = [len(keys[r]) - shared for r in rows]
+        tokens = torch.tensor([t for r in rows for t in keys[r][shared:]], device=model.device)
+        if cache is None:
+            meta = plan(lens, [0] * len(rows), model.args.sliding_window, device=model.device)
+        else:
+            meta = cache.prepare(list(range(len(rows))), lens)
+        h = model.hidden_states(tokens, meta, cache)
+        offsets = torch.tensor([-shared] + lens).cumsum(0).tolist()  # packed index of position p: offset + p
+        picks = [(r, p) for r in rows for p in sorted(wanted[r])]
         index = torch.tensor([off + p for r, off in zip(rows, offsets) for p in sorted(wanted[r])], device=model.device)
-        logp = model.logits(h[index]).log_softmax(-1)
-        for (r, p), lp in zip(picks, logp):
+        for (r, p), lp in zip(picks, model.logits(h[index]).log_softmax(-1)):
             logprob_rows.setdefault(r, {})[p] = lp
         bar.update(len(rows))
+
+    bar = tqdm(total=len(keys), desc="scoring", unit="seq", disable=not progress)
+    groups, alone = _shared_groups(keys, {r: min(w) for r, w in wanted.items()}, min_shared, model)
+    lengths = [len(k) for k in keys]
+    for rows in _batches(lengths, sorted(alone, key=lambda r: -lengths[r]), max_batch_tokens):
+        run(rows, 0, None)
+    for shared, members in groups:
+        prefix = RollingCache(model.args, 1, device=model.device, dtype=model.dtype, initial=shared)
+        model.hidden_states(torch.tensor(keys[members[0]][:shared], device=model.device),
+                            prefix.prepare([0], [shared]), prefix)
+        shared_k, shared_v = prefix.read(0, 0, shared)
+        # Each row holds its own copy of the shared keys: a batch's K/V positions are bounded like its tokens.
+        members.sort(key=lambda r: -lengths[r])
+        for rows in _batches(lengths, members, max(max_batch_tokens, lengths[members[0]])):
+            cache = RollingCache(model.args, len(rows), device=model.device, dtype=model.dtype,
+                                 initial=lengths[rows[0]])
+            for slot in range(len(rows)):
+                cache.load(slot, shared_k, shared_v)
+            run(rows, shared, cache)
     bar.close()
 
     out = []
@@ -93,6 +118,28 @@ def score_continuations(
         lps = [float(d[t]) for d, t in zip(dists, targets)]
         out.append(Score(lps, all(int(d.argmax()) == t for d, t in zip(dists, targets))))
     return out
+
+
+def _shared_groups(keys: list[tuple[int, ...]], first_wanted: dict[int, int], min_shared: int,
+                   model: Transformer) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """Rows whose inputs share at least `min_shared` leading tokens, as (shared length, rows) groups (runs of
+    the inputs in sorted order), and the rest. The shared part stops before any position whose logits a
+    row needs, and within the cache's capacity (there a prefix's keys are a plain copy)."""
+    limit = buffer_capacity(model.args)
+    order = sorted(range(len(keys)), key=lambda r: keys[r])
+    groups, alone, run, shared = [], [], order[:1], limit
+    for prev, r in zip(order, [*order[1:], None]):
+        if r is not None:
+            common = min(common_prefix_len(keys[prev], keys[r]), first_wanted[prev], first_wanted[r])
+            if min(shared, common) >= min_shared:
+                run, shared = run + [r], min(shared, common)
+                continue
+        if len(run) > 1:
+            groups.append((shared, run))
+        else:
+            alone += run
+        run, shared = [r], limit
+    return groups, alone
 
 
 @torch.inference_mode()
