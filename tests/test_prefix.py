@@ -7,7 +7,7 @@ from test_engine import CharTokenizer, reference_greedy
 from gale.config import ModelArgs
 from gale.engine import Engine
 from gale.model import Transformer
-from gale.prefix import PrefixCache
+from gale.prefix import PrefixCache, common_prefix_len
 from gale.sampling import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,6 +57,14 @@ def test_budget_evicts_least_recently_used_leaves_and_keeps_a_shared_prefix():
     assert len(store.match(system)) == 2  # the shared blocks are used by every prompt: never evicted
     assert store.match(system + [0, 0]) == store.match(system)  # the oldest question is gone
     assert len(store.match(system + [9, 9, 9, 9])) == 4
+
+
+@pytest.mark.parametrize("at", [0, 1, 63, 64, 65, 130, 200])
+def test_common_prefix_len(at):
+    a = list(range(200))
+    b = a[:at] + [-1] * (200 - at)
+    assert common_prefix_len(a, b) == at == common_prefix_len(tuple(b), tuple(a))
+    assert common_prefix_len(a, a[:at]) == at
 
 
 def test_a_budget_below_one_block_is_refused():
