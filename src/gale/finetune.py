@@ -12,12 +12,18 @@ samples were packed or split into micro-batches.
 
 A checkpoint holds the adapter, optimizer, scheduler, RNG states, step, epoch, this epoch's pack order and
 the loss history, so a resumed run continues the same loss curve as one that never stopped.
+
+Several processes (`torchrun --nproc_per_node N -m gale.cli finetune ...`, GPUs or machines) train data
+parallel through torch.distributed: every process draws the same packs for a step (N x grad_accum of them)
+and computes its share; gradients and losses are summed across processes before the optimizer step, so N
+processes compute the update one process would with N x grad_accum. Process 0 logs and writes files.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -196,6 +202,30 @@ def packed_loss(model: Transformer, samples: list[Sample]) -> tuple[torch.Tensor
     return F.cross_entropy(logits, targets[keep], reduction="sum"), len(keep)
 
 
+def data_parallel() -> tuple[int, int]:
+    """(rank, number of processes): under torchrun, joins its process group first (NCCL on GPUs, else gloo)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        gpu = torch.cuda.is_available()
+        if gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if gpu else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _sum_across_processes(tensors: list[torch.Tensor]) -> None:
+    """In place: each tensor becomes its sum over the processes (one all-reduce for all of them)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+
+
 # -------------------------------------------------------------------------------------------------------- config
 
 
@@ -276,7 +306,9 @@ class Trainer:
 
     def __init__(self, model: Transformer, encoder: Encoder, cfg: FinetuneConfig,
                  log: Callable[[str], None] = print) -> None:
-        self.model, self.cfg, self.log = model, cfg, log
+        self.rank, self.world = data_parallel()
+        self.model, self.cfg, self.log = model, cfg, log if self.rank == 0 else lambda _: None
+        log = self.log
         self.samples, problems = read_jsonl(cfg.data, encoder, cfg.seq_len)
         for n, reason in problems:
             log(f"{cfg.data}:{n}: skipped: {reason}")
@@ -296,7 +328,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.epoch, self.cursor, self.step = 0, 0, 0
         self.packs = self._epoch_packs(0)
-        self.total_steps = cfg.steps or max(1, math.ceil(len(self.packs) * cfg.epochs / cfg.grad_accum))
+        self.total_steps = cfg.steps or max(1, math.ceil(len(self.packs) * cfg.epochs / (cfg.grad_accum * self.world)))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
         self.history: list[dict[str, float]] = []
         torch.manual_seed(cfg.seed)  # dropout stream; checkpoints save and restore it
@@ -308,8 +340,9 @@ class Trainer:
         return pack(self.samples, torch.randperm(len(self.samples), generator=g).tolist(), self.cfg.seq_len)
 
     def _next_packs(self) -> list[list[Sample]]:
+        """The step's packs, all processes' together (every process draws the same ones)."""
         out = []
-        for _ in range(self.cfg.grad_accum):
+        for _ in range(self.cfg.grad_accum * self.world):
             if self.cursor == len(self.packs):
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self.packs = self._epoch_packs(self.epoch)
@@ -322,22 +355,27 @@ class Trainer:
             return packed_loss(self.model, samples)
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over `grad_accum` packs; the loss is the mean over all their target tokens."""
+        """One optimizer step over `grad_accum` packs per process; the loss is the mean over all their targets."""
         self.model.train()
         packs = self._next_packs()
         n_targets = sum(s.n_targets for p in packs for s in p)
-        total = 0.0
-        for p in packs:
+        total = torch.zeros(1, device=self.model.device)
+        for p in packs[self.rank :: self.world]:
             loss, _ = self._loss(p)
             (loss / n_targets).backward()
-            total += loss.item()
+            total += loss.detach().float()
+        if self.world > 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            _sum_across_processes([p.grad for p in self.params] + [total])
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        row = {"step": self.step, "loss": total / n_targets, "lr": lr,
+        row = {"step": self.step, "loss": total.item() / n_targets, "lr": lr,
                "tokens": sum(s.n_inputs for p in packs for s in p)}
         self.history.append(row)
         return row
@@ -347,11 +385,13 @@ class Trainer:
         """Token-weighted mean loss over held-out samples (file order, packed, no dropout)."""
         samples = self.eval_samples if samples is None else samples
         self.model.eval()
-        loss_sum, count = 0.0, 0
-        for p in pack(samples, list(range(len(samples))), self.cfg.seq_len):
+        sums = torch.zeros(2, device=self.model.device)  # loss, targets
+        for p in pack(samples, list(range(len(samples))), self.cfg.seq_len)[self.rank :: self.world]:
             loss, n = self._loss([samples[i] for i in p])
-            loss_sum, count = loss_sum + loss.item(), count + n
-        return loss_sum / max(count, 1)
+            sums += torch.stack([loss.float(), torch.tensor(float(n), device=sums.device)])
+        if self.world > 1:
+            _sum_across_processes([sums])
+        return sums[0].item() / max(sums[1].item(), 1)
 
     def save_checkpoint(self, folder: str | Path) -> Path:
         folder = save_adapter(folder, self.model, self.cfg.lora, base_model=self.cfg.model,
@@ -385,10 +425,11 @@ class Trainer:
 
     def run(self, until: int | None = None) -> list[dict[str, float]]:
         """Train to step `until` (default: the end), evaluating and checkpointing on schedule; returns the history."""
-        cfg, out = self.cfg, Path(self.cfg.out)
+        cfg, out, main = self.cfg, Path(self.cfg.out), self.rank == 0  # process 0 alone writes
         until = min(until or self.total_steps, self.total_steps)
         out.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="finetune", unit="step", disable=not cfg.progress)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="finetune", unit="step",
+                   disable=not (cfg.progress and main))
         tokens, t0 = 0, time.perf_counter()
         while self.step < until:
             row = self.train_step()
@@ -398,12 +439,14 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}",
                             **({"eval": f"{row['eval_loss']:.3f}"} if "eval_loss" in row else {}))
+            if not main:
+                continue
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             if self.step % cfg.save_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint(out / "checkpoints" / f"step-{self.step:06d}")
         bar.close()
-        if self.step == self.total_steps:
+        if self.step == self.total_steps and main:
             save_adapter(out / "adapter", self.model, cfg.lora, base_model=cfg.model, args=self.model.args.to_dict(),
                          step=self.step)
             plot_history(self.history, out / "loss.png")
@@ -486,7 +529,11 @@ def cli(a: Any) -> None:
         if bad:
             raise ValueError(f"{bad} bad lines in {cfg.data}")
         return
-    llm = load(cfg.model, device=cfg.device, dtype=cfg.dtype, progress=cfg.progress, quantized=False)  # trained
+    rank, world = data_parallel()
+    device = cfg.device
+    if world > 1 and torch.cuda.is_available() and device in (None, "cuda"):
+        device = f"cuda:{torch.cuda.current_device()}"  # torchrun's LOCAL_RANK, set by data_parallel()
+    llm = load(cfg.model, device=device, dtype=cfg.dtype, progress=cfg.progress and rank == 0, quantized=False)
     if a.lora:  # continue training an existing adapter, with its own rank, alpha and targets
         from .lora import load_adapter
 
@@ -494,6 +541,8 @@ def cli(a: Any) -> None:
         cfg = replace(cfg, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, targets=list(lc.targets))
     trainer = Trainer(llm.model, TokenizerEncoder(llm.tokenizer), cfg)
     history = trainer.run()
+    if rank:
+        return
     last = history[-1] if history else {}
     print(f"adapter: {Path(cfg.out) / 'adapter'}  step {trainer.step}  loss {last.get('loss', float('nan')):.4f}"
           + (f"  held-out {last['eval_loss']:.4f}" if "eval_loss" in last else ""))
