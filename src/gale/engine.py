@@ -27,7 +27,7 @@ import torch
 
 from .cache import RollingCache
 from .model import Transformer
-from .prefix import PrefixCache, common_prefix_len
+from .prefix import Block, PrefixCache, common_prefix_len
 from .sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
 
 
@@ -167,12 +167,16 @@ class Engine:
         later = []
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
-            if self._prefix_in_flight(seq):
+            shareable, blocks = self._stored_prefix(seq)
+            if self._prefix_in_flight(shareable, len(blocks)):
                 later.append(seq)
                 continue
             seq.slot = self.free_slots.pop(0)
             self.cache.reset(seq.slot)
-            self._reuse_prefix(seq)
+            if blocks:  # start from the stored keys/values; prefill only the rest
+                self.cache.load(seq.slot, torch.cat([b.k for b in blocks], dim=2),
+                                torch.cat([b.v for b in blocks], dim=2))
+                seq.n_cached = seq.cached_tokens = len(blocks) * self.prefixes.block
             self.running.append(seq)
         self.waiting.extendleft(reversed(later))
         decoding = [(s, 1) for s in self.running if s.n_cached and s.pending == 1]
@@ -210,25 +214,21 @@ class Engine:
             self._accept(seq, tok, row)
         return seqs
 
-    def _prefix_in_flight(self, seq: Sequence) -> bool:
-        """Whether a running sequence is prefilling more of `seq`'s prompt than the store holds: `seq` then waits
-        (a step per chunk of the shared part) and reuses those keys/values instead of computing them alongside.
-        That is n > 1 samples of one prompt, or a burst of requests with a long shared system prompt."""
+    def _stored_prefix(self, seq: Sequence) -> tuple[list[int], list[Block]]:
+        """The part of `seq`'s prompt a stored prefix may cover (positions below the capacity, and not the last
+        token, whose logits give the first answer token), and the stored blocks that begin it."""
         if self.prefixes is None:
-            return False
-        block, prompt = self.prefixes.block, seq.prompt[: min(len(seq.prompt) - 1, self.cache.capacity)]
-        stored = len(self.prefixes.match(prompt))
-        return any(s.n_cached < len(s.prompt) and common_prefix_len(prompt, s.prompt) // block > stored
-                   for s in self.running)
+            return [], []
+        shareable = seq.prompt[: min(len(seq.prompt) - 1, self.cache.capacity)]
+        return shareable, self.prefixes.match(shareable)
 
-    def _reuse_prefix(self, seq: Sequence) -> None:
-        """Start `seq` from the stored K/V of its prompt's longest known prefix (one token at least is left to
-        compute: its logits give the first answer token)."""
-        if self.prefixes is None:
-            return
-        if blocks := self.prefixes.match(seq.prompt[: min(len(seq.prompt) - 1, self.cache.capacity)]):
-            self.cache.load(seq.slot, torch.cat([b.k for b in blocks], dim=2), torch.cat([b.v for b in blocks], dim=2))
-            seq.n_cached = seq.cached_tokens = len(blocks) * self.prefixes.block
+    def _prefix_in_flight(self, shareable: list[int], stored: int) -> bool:
+        """Whether a running sequence is prefilling more of this prompt than the `stored` blocks: the prompt then
+        waits (a step per chunk of the shared part) and reuses those keys/values instead of computing them
+        alongside. That is n > 1 samples of one prompt, or a burst of requests with a long shared system prompt."""
+        return bool(shareable) and any(
+            s.n_cached < len(s.prompt) and common_prefix_len(shareable, s.prompt) // self.prefixes.block > stored
+            for s in self.running)
 
     def _store_prefix(self, seq: Sequence, added: int) -> None:
         """Store `seq`'s blocks that the last step completed, while they are below the cache's capacity."""
@@ -239,8 +239,7 @@ class Engine:
         if end // block == min(seq.n_cached - added, capacity) // block:
             return
         ids = (seq.prompt + seq.output)[:end]
-        self.prefixes.extend(ids, seq.n_cached - self.cache.capacity,
-                             lambda a, b: self.cache.read(seq.slot, a, b))
+        self.prefixes.extend(ids, seq.n_cached - capacity, lambda a, b: self.cache.read(seq.slot, a, b))
 
     def _accept(self, seq: Sequence, tok: int, logits: torch.Tensor) -> None:
         p = seq.params
