@@ -28,7 +28,7 @@ def test_one_shot_mask_is_causal_with_w_keys_including_self():
 def test_chunk_attends_buffer_window_then_itself_causally():
     # 6 tokens cached in a 4-slot buffer (positions 4, 5, 2, 3 at indices 0..3), then a chunk of 3 at 6, 7, 8.
     meta = plan([3], [6], 4, capacity=4, slots=[0])
-    assert meta.n_cached == 4 and not meta.decode
+    assert meta.buffer_len == 4 and not meta.decode
     mask = meta.mask[0, 0].int().tolist()
     # keys: buffer indices 0..3 (positions 4, 5, 2, 3), then the chunk (positions 6, 7, 8)
     assert mask == [
@@ -48,7 +48,7 @@ def test_chunk_longer_than_buffer_writes_only_its_last_w_keys():
 
 def test_decode_writes_first_and_masks_by_slot_position():
     meta = plan([1, 1], [9, 2], 4, capacity=4, slots=[0, 1])
-    assert meta.decode and meta.n_cached == 4
+    assert meta.decode and meta.buffer_len == 4
     # seq 0: query 9, buffer after writing holds 8, 9, 6, 7 -> sees 6..9; seq 1: query 2, holds 0, 1, 2
     assert meta.mask[:, 0, 0].int().tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
 
@@ -61,10 +61,10 @@ def test_decode_plans_against_brute_force(window, capacity):
         start = torch.randint(0, 30 if window else capacity - 1, (len(slots),), generator=g).tolist()
         meta = plan([1] * len(slots), start, window, capacity=capacity, slots=slots)
         assert meta.decode and meta.seqlens == [1] * len(slots) and meta.positions.tolist() == start
-        assert meta.n_cached == min(capacity, max(start) + 1)
+        assert meta.buffer_len == min(capacity, max(start) + 1)
         for b, q in enumerate(start):
             held = {p % capacity: p for p in range(max(0, q + 1 - capacity), q + 1)}  # after writing q
-            for j in range(meta.n_cached):
+            for j in range(meta.buffer_len):
                 seen = j in held and (window is None or held[j] > q - window)
                 assert meta.mask[b, 0, 0, j].item() == seen, (slots, start, b, j)
         assert meta.write_src.tolist() == list(range(len(slots))) and meta.write_slot.tolist() == slots
@@ -124,3 +124,14 @@ def test_bad_plans_are_rejected():
         cache.prepare([0, 0], [1, 1])
     with pytest.raises(ValueError, match="at least one"):
         plan([0], [0], 4)
+
+
+def test_plan_docstring_example():
+    """The worked example in plan()'s docstring, so that it stays true."""
+    meta = plan([3, 2], [6, 0], 4, capacity=4, slots=[0, 1])
+    assert meta.positions.tolist() == [6, 7, 8, 0, 1] and meta.buffer_len == 4 and not meta.decode
+    assert meta.gather.tolist() == [0, 1, 2, 3, 4, 4] and meta.scatter.tolist() == [0, 1, 2, 3, 4]
+    assert meta.mask[0, 0, 0].int().tolist() == [1, 1, 0, 1, 1, 0, 0]
+    assert meta.mask[1, 0, 1].int().tolist() == [0, 0, 0, 0, 1, 1, 0]
+    assert meta.write_src.tolist() == [0, 1, 2, 3, 4] and meta.write_slot.tolist() == [0, 0, 0, 1, 1]
+    assert meta.write_idx.tolist() == [2, 3, 0, 0, 1]

@@ -41,9 +41,9 @@ class BatchMeta:
     positions: torch.Tensor  # [N] absolute positions, for RoPE
     gather: torch.Tensor | None  # [B * Cmax] packed index of each padded row; None when all C_b are equal
     scatter: torch.Tensor | None  # [N] padded row of each packed token; None when all C_b are equal
-    mask: torch.Tensor  # [B, 1, Cmax, n_cached (+ Cmax unless decode)] True = attend
+    mask: torch.Tensor  # [B, 1, Cmax, buffer_len (+ Cmax unless decode)] True = attend
     slots: torch.Tensor | slice | None  # cache slots of the sequences (a slice when contiguous)
-    n_cached: int  # buffer entries to read (0 without a cache)
+    buffer_len: int  # buffer entries each sequence's attention reads (0 without a cache)
     decode: bool  # write-then-attend over the buffer only
     write_src: torch.Tensor | None  # [M] packed indices of the tokens whose K/V are stored
     write_slot: torch.Tensor | None  # [M] their slot
@@ -63,10 +63,10 @@ class BatchMeta:
         return torch.tensor(self.seqlens, device=self.positions.device).cumsum(0) - 1
 
 
-def _buffer_positions(n_cached: torch.Tensor, n_keys: int, capacity: int) -> torch.Tensor:
-    """Absolute position held at buffer index s once `n_cached` tokens were written (-1 = empty)."""
-    s = torch.arange(n_keys, device=n_cached.device)
-    last = n_cached[:, None] - 1
+def _buffer_positions(written: torch.Tensor, n_keys: int, capacity: int) -> torch.Tensor:
+    """Absolute position held at buffer index s once `written[b]` tokens were written (-1 = empty)."""
+    s = torch.arange(n_keys, device=written.device)
+    last = written[:, None] - 1
     pos = last - torch.remainder(last - s, capacity)
     return torch.where(pos >= 0, pos, -1)
 
@@ -82,7 +82,21 @@ def plan(
 ) -> BatchMeta:
     """Build the attention plan for sequences that already hold `start[b]` cached tokens.
 
-    Without `capacity`/`slots` there is no cache: each sequence attends causally to itself only.
+    Without `capacity`/`slots` there is no cache: each sequence attends causally to itself only. When every
+    sequence adds one token (and there is a cache) `_decode_plan` builds the same fields the short way.
+
+    Worked example: `seqlens=[3, 2], start=[6, 0], window=4, capacity=4, slots=[0, 1]`
+    (sequence 0 holds 6 tokens and adds positions 6..8; sequence 1 is new and adds positions 0..1):
+
+    * positions `[6, 7, 8, 0, 1]` (packed, for RoPE); Cmax = 3, so sequence 1 gets one pad row, which
+      mirrors its last real query: `gather = [0, 1, 2, 3, 4, 4]`, `scatter = [0, 1, 2, 3, 4]`.
+    * keys: the first `buffer_len = min(capacity, max(start)) = 4` buffer entries, then each own chunk
+      (padded to Cmax). Their positions: sequence 0 `[4, 5, 2, 3 | 6, 7, 8]` (6 tokens written: index
+      p % 4 holds 4, 5, 2, 3), sequence 1 `[-, -, -, - | 0, 1, -]` (- = nothing there).
+    * mask: query q sees key position k iff `q - window < k <= q`. Sequence 0's query 6 sees 3, 4, 5, 6:
+      `[1, 1, 0, 1 | 1, 0, 0]`; sequence 1's query 1 sees 0, 1: `[0, 0, 0, 0 | 1, 1, 0]`.
+    * writes, after attending: each chunk's last `capacity` tokens go to index position % capacity,
+      `write_src = [0, 1, 2, 3, 4]`, `write_slot = [0, 0, 0, 1, 1]`, `write_idx = [2, 3, 0, 0, 1]`.
     """
     if not seqlens or min(seqlens) < 1:
         raise ValueError(f"every sequence needs at least one new token, got seqlens={seqlens}")
@@ -106,18 +120,11 @@ def plan(
         gather = (offsets[:, None] + q_col).reshape(-1)
         scatter = (torch.arange(B, device=dev)[:, None] * cmax + col[None, :])[real]
 
-    decode = capacity is not None and cmax == 1
-    n_cached = 0
-    key_pos_parts = []
-    if capacity is not None:
-        filled = start_t + 1 if decode else start_t
-        n_cached = min(capacity, int(filled.max()))
-        if n_cached:
-            key_pos_parts.append(_buffer_positions(filled, n_cached, capacity))
-    if not decode:
-        new_pos = start_t[:, None] + col[None, :]
-        key_pos_parts.append(torch.where(real, new_pos, -1))
-    key_pos = torch.cat(key_pos_parts, dim=1)[:, None, :]  # [B, 1, K]
+    buffer_len = min(capacity, max(start)) if capacity is not None else 0
+    key_pos = torch.where(real, start_t[:, None] + col[None, :], -1)  # [B, Cmax]: the chunk's own keys
+    if buffer_len:  # the buffer's keys come first
+        key_pos = torch.cat((_buffer_positions(start_t, buffer_len, capacity), key_pos), dim=1)
+    key_pos = key_pos[:, None, :]  # [B, 1, K]
 
     qp = q_pos[:, :, None]
     mask = (key_pos >= 0) & (key_pos <= qp)
@@ -143,8 +150,8 @@ def plan(
         scatter=scatter,
         mask=mask[:, None],
         slots=slot_ix,
-        n_cached=n_cached,
-        decode=decode,
+        buffer_len=buffer_len,
+        decode=False,
         write_src=write_src,
         write_slot=write_slot,
         write_idx=write_idx,
@@ -165,8 +172,8 @@ def _decode_plan(
     assert slots is not None
     B = len(start)
     positions = torch.tensor(start, device=dev)
-    n_cached = min(capacity, max(start) + 1)
-    key_pos = _buffer_positions(positions + 1, n_cached, capacity)[:, None, None, :]  # never above the query's
+    buffer_len = min(capacity, max(start) + 1)
+    key_pos = _buffer_positions(positions + 1, buffer_len, capacity)[:, None, None, :]  # never above the query's
     mask = key_pos >= 0
     if window is not None:
         mask &= key_pos > positions[:, None, None, None] - window
@@ -177,7 +184,7 @@ def _decode_plan(
         scatter=None,
         mask=mask,
         slots=_slot_index(slots, dev),
-        n_cached=n_cached,
+        buffer_len=buffer_len,
         decode=True,
         write_src=torch.arange(B, device=dev),
         write_slot=torch.tensor(slots, device=dev),
@@ -294,8 +301,8 @@ class RollingCache:
                 torch.stack([t[slot, :, start:end] for t in self.v]))
 
     def keys_values(self, layer: int, meta: BatchMeta) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `n_cached` buffer entries of the batch's slots: `[B, n_kv_heads, n_cached, head_dim]`."""
-        n = meta.n_cached
+        """The first `buffer_len` buffer entries of the batch's slots: `[B, n_kv_heads, buffer_len, head_dim]`."""
+        n = meta.buffer_len
         return self.k[layer][meta.slots, :, :n], self.v[layer][meta.slots, :, :n]
 
     def store(self, layer: int, meta: BatchMeta, k: torch.Tensor, v: torch.Tensor) -> None:

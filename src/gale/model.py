@@ -7,7 +7,7 @@ convert every other format to them, so this file knows one layout only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,19 @@ from torch import nn
 
 from .cache import BatchMeta, RollingCache, plan
 from .config import ModelArgs
+
+
+class DecodeHook(Protocol):
+    """All layers of a decode step and the final norm in one call (gale.quant.DecodeKernel), which the loader
+    installs as `Transformer.decode_kernel` for CPU models whose projections are all quantized.
+
+    Returns the final-norm hidden states `[B, dim]` after writing the step's keys/values into `cache`, or None
+    to decline (the model then runs its layers). It attends every entry of a sequence's buffer without the
+    plan's mask, so it needs each stored key inside the window: `cache.capacity <= cache.window` (or no
+    window, where the cache refuses to outgrow its capacity). `Transformer.hidden_states` asserts that.
+    """
+
+    def __call__(self, h: torch.Tensor, meta: BatchMeta, cache: RollingCache) -> torch.Tensor | None: ...
 
 
 class RMSNorm(nn.Module):
@@ -73,7 +86,7 @@ class Attention(nn.Module):
             return self.wo(out.reshape(n, -1))
 
         keys, values = to_padded(k, meta), to_padded(v, meta)
-        if meta.n_cached:
+        if meta.buffer_len:
             old_k, old_v = cache.keys_values(layer, meta)
             keys, values = torch.cat((old_k, keys), dim=2), torch.cat((old_v, values), dim=2)
         out = F.scaled_dot_product_attention(to_padded(q, meta), keys, values, meta.mask, enable_gqa=True)
@@ -130,10 +143,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each layer in backward: memory for fine-tuning
-        # All layers of a decode step and the final norm at once (gale.quant.DecodeKernel), installed by the
-        # loader for CPU models with quantized projections; called as (h, meta, cache) -> final-norm hidden
-        # states, or None to decline.
-        self.decode_kernel: Callable[..., torch.Tensor | None] | None = None
+        self.decode_kernel: DecodeHook | None = None  # a decode step's layers in one call (see DecodeHook)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -148,11 +158,14 @@ class Transformer(nn.Module):
         if tokens.dim() != 1 or tokens.shape[0] != sum(meta.seqlens):
             n = sum(meta.seqlens)
             raise ValueError(f"tokens must be 1-D with sum(seqlens)={n} entries, got shape {tuple(tokens.shape)}")
-        if (meta.n_cached or meta.decode) and cache is None:
+        if (meta.buffer_len or meta.decode) and cache is None:
             raise ValueError("this plan reads a KV cache but none was given")
         h = self.tok_embeddings(tokens)
-        if meta.decode and self.decode_kernel is not None and (fused := self.decode_kernel(h, meta, cache)) is not None:
-            return fused
+        if meta.decode and self.decode_kernel is not None:
+            assert cache.window is None or cache.capacity <= cache.window, (
+                f"the decode kernel ignores the window mask: capacity {cache.capacity} > window {cache.window}")
+            if (fused := self.decode_kernel(h, meta, cache)) is not None:
+                return fused
         rope = rope_rotations(meta.positions, self.args.head_dim, self.args.rope_theta)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
