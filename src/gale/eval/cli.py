@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ def run(a: argparse.Namespace, load: Callable[[argparse.Namespace], Any]) -> Non
     if missing:
         raise ValueError(f"no data for {', '.join(missing)}: pass --data TASK=PATH for each task")
     lm = load(a)
+    print(f"gale eval: results and the resume cache go to {Path(a.output).resolve()}/ (--output)", file=sys.stderr)
     settings = Settings(model=Path(str(getattr(lm, "path", a.model or "model"))).name, temperature=a.temperature,
                         seed=a.seed, max_batch_tokens=a.batch_tokens, timeout=a.timeout, chat=a.chat)
     report = run_eval(lm, a.tasks, data, output=a.output, fewshot=_pairs(a.fewshot, "--fewshot"),
