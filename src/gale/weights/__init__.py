@@ -9,11 +9,14 @@ target dtype on the target device, so peak memory stays near one copy of the mod
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+from gguf import GGMLQuantizationType
 from safetensors.torch import save_file
 
 from ..config import ModelArgs, to_hf_config, to_params_json
@@ -22,6 +25,10 @@ from .checkpoint import Checkpoint, CheckpointError
 from .gguf import open_gguf
 from .hf import is_hf_folder, open_hf, to_hf
 from .mistral import is_mistral_folder, open_mistral
+from .quantized import quantized_view
+
+T = TypeVar("T")
+GGML_TYPES = frozenset(t.name for t in GGMLQuantizationType)
 
 __all__ = ["Checkpoint", "CheckpointError", "describe_checkpoint", "load_model", "open_checkpoint", "save_hf",
            "save_mistral"]
@@ -48,29 +55,32 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def load_model(checkpoint: str | Path | Checkpoint, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, progress: bool = True, keep_quantized: bool = False) -> Transformer:
+               dtype: torch.dtype = torch.float32, progress: bool = True, keep_quantized: bool = False,
+               quantize: str | None = None) -> Transformer:
     """Build the model of a checkpoint and fill it; raises CheckpointError before any weight is copied
     when names, shapes or types do not match, and never returns a half-loaded model.
 
-    `keep_quantized`: the linear layers of a GGUF whose blocks have a kernel (Q4_0, Q4_1, Q8_0) stay in
-    those blocks (`gale.quant.QuantLinear`, CPU fp32 inference only); other tensors are dequantized.
+    `keep_quantized`: the linear layers (and token embeddings) of a GGUF whose blocks have a kernel
+    (`gale.quant.KINDS`) stay in those blocks (`gale.quant.QuantLinear`, CPU fp32 inference only); other
+    tensors are dequantized, and the load says which.
+    `quantize`: a scheme of `gale.quantize.SCHEMES` (e.g. "Q8_0", "q4_k"): each matrix is quantized as it is
+    read (one fp32 tensor in flight, never the fp32 model) and kept as above.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    if quantize is not None:
+        if str(device) != "cpu" or dtype != torch.float32:
+            raise ValueError(f"quantize={quantize!r} runs on the CPU kernels in fp32, not on {device} in {dtype}")
+        ckpt, keep_quantized = quantized_view(ckpt, quantize), True
     with torch.device("meta"):
         model = Transformer(ckpt.args).to(dtype)
     ckpt.validate({n: tuple(p.shape) for n, p in model.named_parameters()})
-    quantized = _keep_quantized(model, ckpt) if keep_quantized and str(device) == "cpu" and \
-        dtype == torch.float32 else set()
+    on_kernels = keep_quantized and str(device) == "cpu" and dtype == torch.float32
+    quantized = _keep_quantized(model, ckpt, progress, "quantizing" if quantize else "mapping") if on_kernels else set()
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())
     names = [n for n in ckpt.names() if n not in quantized]
-    tensors = ckpt.tensors(names)
-    if progress:
-        from tqdm import tqdm
-
-        tensors = tqdm(tensors, total=len(names), desc=f"loading {ckpt.path.name}", unit="tensor", leave=False)
     with torch.no_grad():
-        for name, tensor in tensors:
+        for name, tensor in _progress(ckpt.tensors(names), len(names), f"loading {ckpt.path.name}", progress):
             params[name].copy_(tensor)
     if quantized:
         from ..quant import DecodeKernel
@@ -80,32 +90,53 @@ def load_model(checkpoint: str | Path | Checkpoint, *, device: str | torch.devic
     return model.eval().requires_grad_(False)
 
 
-def _keep_quantized(model: Transformer, ckpt: Checkpoint) -> set[str]:
-    """Swap each linear layer whose GGUF blocks have a kernel for a QuantLinear over those blocks.
+def _progress(items: Iterable[T], total: int, desc: str, show: bool) -> Iterable[T]:
+    if not show:
+        return items
+    from tqdm import tqdm
 
-    A tied output projection gets a QuantLinear over the embedding's blocks, and the embedding becomes a
-    row lookup in those same blocks. Returns the swapped weight names.
+    return tqdm(items, total=total, desc=desc, unit="tensor", leave=False)
+
+
+def _keep_quantized(model: Transformer, ckpt: Checkpoint, progress: bool = False, verb: str = "mapping") -> set[str]:
+    """Swap each linear layer whose GGUF blocks have a kernel for a QuantLinear over those blocks, and the
+    token embeddings for a row lookup in theirs (a tied output projection's, or their own).
+
+    Block types without a kernel are left to the caller, which dequantizes them; one line names them.
+    Returns the swapped weight names.
     """
     from ..quant import KINDS, QuantEmbedding, QuantLinear, kernels
 
     if ckpt.read_blocks is None or kernels() is None:
         return set()
     modules = {f"{n}.weight": n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    if model.output is None:
-        modules["tok_embeddings.weight"] = "output"
+    modules["tok_embeddings.weight"] = "output" if model.output is None else "tok_embeddings"
+    chosen = [w for w in modules if ckpt.storage.get(w) in KINDS]
+    _say_unkerneled({w: ckpt.storage.get(w, "") for w in modules if w not in chosen})
     swapped = set()
-    for weight, module_name in modules.items():
-        kind = ckpt.storage.get(weight)
-        if kind not in KINDS:
-            continue
+    for weight in _progress(chosen, len(chosen), f"{verb} {ckpt.path.name}", progress):
         out_features, in_features = ckpt.shapes[weight]
-        layer = QuantLinear.from_gguf(kind, ckpt.read_blocks(weight), out_features, in_features)
-        parent, _, attr = module_name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, layer)
+        layer = QuantLinear.from_gguf(ckpt.storage[weight], ckpt.read_blocks(weight), out_features, in_features)
         if weight == "tok_embeddings.weight":
             model.tok_embeddings = QuantEmbedding(layer)
+        module_name = modules[weight]
+        if module_name != "tok_embeddings":
+            parent, _, attr = module_name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, layer)
         swapped.add(weight)
     return swapped
+
+
+def _say_unkerneled(kinds: dict[str, str]) -> None:
+    """One console line naming the block types (and tensors) that load as fp32 for want of a kernel."""
+    blocks = {w: k for w, k in kinds.items() if k in GGML_TYPES and k not in ("F32", "F16", "BF16", "F64")}
+    if not blocks:
+        return
+    by_kind: dict[str, list[str]] = {}
+    for w, k in blocks.items():
+        by_kind.setdefault(k, []).append(w)
+    parts = [f"{k} ({ws[0]}{f' and {len(ws) - 1} more' if len(ws) > 1 else ''})" for k, ws in by_kind.items()]
+    print(f"gale: no CPU kernel for {', '.join(parts)}: dequantized to fp32", file=sys.stderr)
 
 
 def describe_checkpoint(ckpt: Checkpoint) -> str:

@@ -151,12 +151,17 @@ def _dequantize_legacy(raw: np.ndarray, kind: GGMLQuantizationType) -> torch.Ten
 _FAST = (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
 
 
-def _read_tensor(header: _Header, name: str) -> torch.Tensor:
-    shape, kind, _ = header.tensors[name]
-    raw = header.raw(name)
+def dequantize_blocks(raw: np.ndarray, kind: str | GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:
+    """fp32 (or the stored float type) values of one tensor's GGUF records, shaped `shape`."""
+    kind = GGMLQuantizationType[kind] if isinstance(kind, str) else kind
     if kind in _FAST:
         return _dequantize_legacy(raw, kind).reshape(shape)
     return torch.from_numpy(np.array(raw) if kind in _PLAIN else dequantize(raw, kind)).reshape(shape)
+
+
+def _read_tensor(header: _Header, name: str) -> torch.Tensor:
+    shape, kind, _ = header.tensors[name]
+    return dequantize_blocks(header.raw(name), kind, shape)
 
 
 def open_gguf(path: Path) -> Checkpoint:
