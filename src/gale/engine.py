@@ -17,6 +17,7 @@ sequence's whole blocks are stored as they fill, prompt and answer alike.
 
 from __future__ import annotations
 
+import enum
 import itertools
 from collections import deque
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ import torch
 from .cache import RollingCache
 from .model import Transformer
 from .prefix import Block, PrefixCache, common_prefix_len
-from .sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
+from .sampling import SamplingParams, TokenLogprob, make_generator, sample_row, token_logprobs
 
 
 class StreamDecoder(Protocol):
@@ -42,7 +43,20 @@ class TokenizerLike(Protocol):
     def decoder(self) -> StreamDecoder: ...
 
 
-@dataclass
+class Status(enum.Enum):
+    """Where a sequence is; only `Engine` moves it, WAITING -> PREFILLING -> DECODING -> FINISHED."""
+
+    WAITING = "waiting"  # queued for a cache slot
+    PREFILLING = "prefilling"  # holds a slot; prompt tokens are left to compute
+    DECODING = "decoding"  # one new token per step
+    FINISHED = "finished"  # `finish_reason` says why ("error": `error` says what failed)
+
+
+class SequenceFailed(RuntimeError):
+    """A step failed for this sequence (the Python API raises it; the server reports it per request)."""
+
+
+@dataclass(eq=False)  # compared by identity: `seq in engine.running`
 class Sequence:
     """One request's state. `text` is the decoded output with stop strings cut; `emitted` of it was streamed."""
 
@@ -54,20 +68,22 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0
-    n_cached: int = 0
-    cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
+    status: Status = Status.WAITING
+    in_cache: int = 0  # tokens whose keys/values are in the slot (computed, or loaded from the prefix cache)
+    cached_tokens: int = 0  # prompt tokens loaded from the prefix cache instead of computed
     slot: int | None = None
     finish_reason: str | None = None
+    error: str | None = None  # what failed, when finish_reason is "error"
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return self.status is Status.FINISHED
 
     @property
     def pending(self) -> int:
         """Tokens not yet in the cache (prompt left to prefill, or the last sampled token)."""
-        return len(self.prompt) + len(self.output) - self.n_cached
+        return len(self.prompt) + len(self.output) - self.in_cache
 
     def take_delta(self) -> str:
         """New text safe to show: nothing that could still turn out to be the start of a stop string."""
@@ -130,6 +146,7 @@ class Engine:
         self.free_slots = list(range(max_seqs))
         self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self._ids = itertools.count()
+        self._weights_version = getattr(model, "weights_version", 0)
 
     # -- requests -------------------------------------------------------------------------
     def check_prompt(self, prompt: list[int]) -> None:
@@ -154,8 +171,6 @@ class Engine:
 
     def cancel(self, seq: Sequence) -> None:
         """Drop a sequence now (client gone); its slot is free for the next step."""
-        if seq in self.waiting:
-            self.waiting.remove(seq)
         self._finish(seq, seq.finish_reason or "cancelled")
 
     @property
@@ -163,27 +178,45 @@ class Engine:
         return bool(self.waiting or self.running)
 
     # -- one step ---------------------------------------------------------------------------
-    def _schedule(self) -> list[tuple[Sequence, int]]:
-        later = []
+    def _admit(self) -> list[Sequence]:
+        """Give waiting sequences free slots in arrival order; returns those that failed to start.
+
+        A sequence whose prompt begins with a prefix another sequence is still prefilling keeps its place and
+        waits (it will reuse those keys/values instead of computing them alongside)."""
+        later, failed = [], []
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
-            shareable, blocks = self._stored_prefix(seq)
-            if self._prefix_in_flight(shareable, len(blocks)):
-                later.append(seq)
-                continue
-            seq.slot = self.free_slots.pop(0)
-            self.cache.reset(seq.slot)
-            if blocks:  # start from the stored keys/values; prefill only the rest
-                self.cache.load(seq.slot, torch.cat([b.k for b in blocks], dim=2),
-                                torch.cat([b.v for b in blocks], dim=2))
-                seq.n_cached = seq.cached_tokens = len(blocks) * self.prefixes.block
-            self.running.append(seq)
+            try:
+                shareable, blocks = self._stored_prefix(seq)
+                if self._prefix_in_flight(shareable, len(blocks)):
+                    later.append(seq)
+                    continue
+                self._start(seq, blocks)
+            except Exception as e:  # noqa: BLE001 - this sequence fails, the others are admitted
+                self._fail(seq, e)
+                failed.append(seq)
         self.waiting.extendleft(reversed(later))
-        decoding = [(s, 1) for s in self.running if s.n_cached and s.pending == 1]
+        return failed
+
+    def _start(self, seq: Sequence, blocks: list[Block]) -> None:
+        """Put `seq` in a free slot, starting from the stored `blocks` of its prompt; all or nothing."""
+        slot = self.free_slots[0]
+        self.cache.reset(slot)
+        if blocks:  # start from the stored keys/values; prefill only the rest
+            self.cache.load(slot, torch.cat([b.k for b in blocks], dim=2), torch.cat([b.v for b in blocks], dim=2))
+        self.free_slots.pop(0)
+        seq.slot, seq.status = slot, Status.PREFILLING
+        seq.in_cache = seq.cached_tokens = len(blocks) * self.prefixes.block if blocks else 0
+        self.running.append(seq)
+
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        """(sequence, new tokens) of the next forward: every decoding sequence's token first, then prompt chunks
+        in arrival order within the rest of the step's token budget."""
+        decoding = [(s, 1) for s in self.running if s.status is Status.DECODING]
         budget = max(self.step_tokens - len(decoding), 0)
         prefilling = []
         for s in self.running:
-            if budget and not (s.n_cached and s.pending == 1):
+            if budget and s.status is Status.PREFILLING:
                 n = min(s.pending, budget)
                 prefilling.append((s, n))
                 budget -= n
@@ -191,28 +224,61 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """Run one forward; return the sequences that got a new token (check `finished`, `take_delta()`)."""
+        """Run one forward; return the sequences that got a new token or finished (check `finished`, `error`,
+        `take_delta()`).
+
+        An exception fails only the sequences it concerns: one sequence's when it arises in its admission, its
+        sampling or its bookkeeping, every batched sequence's when it arises in the forward. The engine stays
+        consistent (failed sequences leave their slots) and keeps serving the others.
+        """
+        self._check_weights()
+        changed = self._admit()
         batch = self._schedule()
         if not batch:
-            return []
+            return changed
+        try:
+            logits = self._forward(batch)
+        except Exception as e:  # noqa: BLE001 - the forward concerns every sequence of the batch
+            for seq, _ in batch:
+                self._fail(seq, e)
+            return changed + [s for s, _ in batch]
+        for seq, n in batch:
+            try:
+                self._store_prefix(seq, n)
+            except Exception as e:  # noqa: BLE001 - this sequence's blocks only
+                self._fail(seq, e)
+                changed.append(seq)
+        ready = [(i, s) for i, (s, _) in enumerate(batch) if s.pending == 0 and not s.finished]
+        rows = logits[[i for i, _ in ready]]
+        greedy = rows.argmax(-1).tolist() if ready else []
+        for j, (_, seq) in enumerate(ready):
+            try:
+                tok = greedy[j] if seq.params.greedy else sample_row(rows[j], seq.params, seq.generator)
+                seq.status = Status.DECODING
+                self._accept(seq, tok, rows[j])
+            except Exception as e:  # noqa: BLE001 - e.g. a row of non-finite logits: this sequence only
+                self._fail(seq, e)
+        return changed + [s for _, s in ready]
+
+    def _forward(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Logits `[B, vocab]` of each batched sequence's last new token; books the tokens as cached."""
         tokens = []
         for seq, n in batch:
             all_ids = seq.prompt + seq.output if seq.output else seq.prompt
-            tokens.extend(all_ids[seq.n_cached : seq.n_cached + n])
+            tokens.extend(all_ids[seq.in_cache : seq.in_cache + n])
         meta = self.cache.prepare([s.slot for s, _ in batch], [n for _, n in batch])
         logits = self.model(torch.tensor(tokens, device=self.model.device), meta, self.cache, last_only=True)
         for seq, n in batch:
-            seq.n_cached += n
-            self._store_prefix(seq, n)
-        ready = [(i, s) for i, (s, _) in enumerate(batch) if s.pending == 0]
-        if not ready:
-            return []
-        rows = logits[[i for i, _ in ready]]
-        seqs = [s for _, s in ready]
-        chosen = sample(rows, [s.params for s in seqs], [s.generator for s in seqs])
-        for row, seq, tok in zip(rows, seqs, chosen):
-            self._accept(seq, tok, row)
-        return seqs
+            seq.in_cache += n
+        return logits
+
+    def _check_weights(self) -> None:
+        """Forget stored prefixes once the model's weights changed (gale.lora bumps `model.weights_version`)."""
+        version = getattr(self.model, "weights_version", 0)
+        if version != self._weights_version:
+            if self.prefixes is not None:
+                self.prefixes.clear()
+            self._weights_version = version
 
     def _stored_prefix(self, seq: Sequence) -> tuple[list[int], list[Block]]:
         """The part of `seq`'s prompt a stored prefix may cover (positions below the capacity, and not the last
@@ -227,7 +293,7 @@ class Engine:
         waits (a step per chunk of the shared part) and reuses those keys/values instead of computing them
         alongside. That is n > 1 samples of one prompt, or a burst of requests with a long shared system prompt."""
         return bool(shareable) and any(
-            s.n_cached < len(s.prompt) and common_prefix_len(shareable, s.prompt) // self.prefixes.block > stored
+            s.status is Status.PREFILLING and common_prefix_len(shareable, s.prompt) // self.prefixes.block > stored
             for s in self.running)
 
     def _store_prefix(self, seq: Sequence, added: int) -> None:
@@ -235,11 +301,11 @@ class Engine:
         if self.prefixes is None:
             return
         block, capacity = self.prefixes.block, self.cache.capacity
-        end = min(seq.n_cached, capacity)
-        if end // block == min(seq.n_cached - added, capacity) // block:
+        end = min(seq.in_cache, capacity)
+        if end // block == min(seq.in_cache - added, capacity) // block:
             return
         ids = (seq.prompt + seq.output)[:end]
-        self.prefixes.extend(ids, seq.n_cached - capacity, lambda a, b: self.cache.read(seq.slot, a, b))
+        self.prefixes.extend(ids, seq.in_cache - capacity, lambda a, b: self.cache.read(seq.slot, a, b))
 
     def _accept(self, seq: Sequence, tok: int, logits: torch.Tensor) -> None:
         p = seq.params
@@ -268,11 +334,17 @@ class Engine:
             self._finish(seq, "stop")
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        seq.finish_reason = reason
+        seq.finish_reason, seq.status = reason, Status.FINISHED
+        if seq in self.waiting:
+            self.waiting.remove(seq)
         if seq in self.running:
             self.running.remove(seq)
             self.free_slots.append(seq.slot)
             self.free_slots.sort()
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        seq.error = f"{type(error).__name__}: {error}"
+        self._finish(seq, "error")
 
     # -- convenience loops --------------------------------------------------------------------
     def stream(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, str]]:
@@ -281,6 +353,8 @@ class Engine:
             while not all(s.finished for s in seqs):
                 for seq in self.step():
                     if seq in seqs:
+                        if seq.error:
+                            raise SequenceFailed(seq.error)
                         delta = seq.take_delta()
                         if delta:
                             yield seq, delta

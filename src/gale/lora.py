@@ -90,6 +90,12 @@ def _targets(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[nn.Module
             if attr in targets and isinstance(child, nn.Linear)]
 
 
+def weights_changed(model: nn.Module) -> None:
+    """Say that `model`'s weights changed in place: an Engine over it clears its prefix cache before its next step
+    (the stored keys/values were computed with the old weights). Whoever changes weights otherwise calls it too."""
+    model.weights_version = getattr(model, "weights_version", 0) + 1
+
+
 def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
     """Freeze the model and wrap its target layers in place; returns the wrapped layer names."""
     model.requires_grad_(False)
@@ -102,6 +108,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
             ": its layers are quantized blocks; load it with gale.load(..., quantized=False)" if quantized else ""))
     for parent, attr, _ in found:
         setattr(parent, attr, LoraLinear(getattr(parent, attr), config))
+    weights_changed(model)
     return [name for _, _, name in found]
 
 
@@ -123,6 +130,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         plain.weight, plain.bias = m.weight, m.bias
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, plain)
+    weights_changed(model)
     return model
 
 
@@ -162,6 +170,7 @@ def load_adapter(folder: str | Path, model: nn.Module, *, merge: bool = True) ->
     with torch.no_grad():
         for name, t in tensors.items():
             params[name].copy_(t)
+    weights_changed(model)
     return merge_lora(model) if merge else config
 
 

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+# What the engine can compute, checked here for the Python API and the server alike.
+SEED_RANGE = (-(2**63), 2**64 - 1)  # torch.Generator.manual_seed takes 64 bits (negative ones wrap around)
+MIN_TEMPERATURE = 1e-4  # below it (but above 0, greedy) logits / temperature may overflow fp32
+MAX_TOP_K = 2**31 - 1
+MAX_LOGPROBS = 20
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
 
 
 class ParamError(ValueError):
@@ -35,16 +43,25 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the offending field (the server maps it to a 400)."""
+        """Raise ParamError (a ValueError) naming the offending field: the server maps it to a 400."""
+        t, lo, hi = self.temperature, *SEED_RANGE
         checks = [
-            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "must be an integer >= 1"),
-            ("temperature", _number(self.temperature) and self.temperature >= 0, "must be a number >= 0"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be an integer >= 0 (0 = off)"),
+            ("max_tokens", _integer(self.max_tokens) and self.max_tokens >= 1, "must be an integer >= 1"),
+            ("temperature", _number(t) and (t == 0 or MIN_TEMPERATURE <= t),
+             f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}"),
+            ("top_k", _integer(self.top_k) and 0 <= self.top_k <= MAX_TOP_K,
+             f"must be an integer in [0, {MAX_TOP_K}] (0 = off)"),
             ("top_p", _number(self.top_p) and 0 < self.top_p <= 1, "must be a number in (0, 1]"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
-            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
-             "must be an integer in [0, 20]"),
+            ("seed", self.seed is None or (_integer(self.seed) and lo <= self.seed <= hi),
+             f"must be an integer in [{lo}, {hi}] (64 bits, with the offsets n > 1 adds)"),
+            ("stop", isinstance(self.stop, list) and len(self.stop) <= MAX_STOPS
+             and all(isinstance(x, str) and 0 < len(x) <= MAX_STOP_CHARS for x in self.stop),
+             f"must be at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters"),
+            ("stop_token_ids", isinstance(self.stop_token_ids, list) and all(
+                _integer(x) and x >= 0 for x in self.stop_token_ids), "must be a list of token ids"),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), "must be true or false"),
+            ("logprobs", self.logprobs is None or (_integer(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"must be an integer in [0, {MAX_LOGPROBS}]"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -55,8 +72,18 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
+def _integer(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN
+    """A finite int or float (no bool, NaN, inf, nor an int too large for a float)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -69,18 +96,15 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix that reaches top_p
+        drop[0] = False  # and the top token always, even for a top_p that rounds to 0 in fp32
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """Next token of each row of `[B, V]` fp32 logits."""
-    out = logits.argmax(-1).tolist()
-    for i, (p, g) in enumerate(zip(params, generators)):
-        if not p.greedy:
-            probs = filter_logits(logits[i], p.temperature, p.top_k, p.top_p).softmax(-1)
-            out[i] = int(torch.multinomial(probs, 1, generator=g))
-    return out
+def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """A random next token from one row of fp32 logits `[V]` (greedy rows take the argmax, batched, instead)."""
+    probs = filter_logits(logits, p.temperature, p.top_k, p.top_p).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
