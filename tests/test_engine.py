@@ -26,7 +26,7 @@ class CharTokenizer:
         def flush(self) -> str:
             return ""
 
-    def decoder(self):
+    def decoder(self, context=()):
         return self._Decoder()
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import sentencepiece
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from gale.tokenizer import PRE_TOKENIZER_SPLITS, HFTokenizer, SentencePieceTokenizer, load_tokenizer
 
@@ -217,3 +219,69 @@ def test_stream_decoder_keeps_the_space_of_a_continuation(mistral):
     assert _stream(mistral, generated, context)[1] == " world, again"
     assert _stream(mistral, generated)[1] == mistral.decode(generated) == "world, again"
     assert _stream(mistral, [2, *generated], ids[:2])[1] == " world, again"  # a control token in between
+
+
+# -- generated text == decode(prompt + completion) less the prompt's text, for every tokenizer kind ---------------
+@pytest.fixture(scope="module")
+def mistral_json(tmp_path_factory) -> HFTokenizer:
+    """Mistral v1 as a tokenizer.json (what Mistral's HF repos ship): transformers' conversion of tokenizer.model."""
+    pytest.importorskip("google.protobuf", reason="transformers converts tokenizer.model only with protobuf")
+    from transformers import LlamaTokenizer
+
+    folder = tmp_path_factory.mktemp("mistral_json")
+    (folder / "tokenizer.model").symlink_to(MISTRAL_V1)
+    LlamaTokenizer.from_pretrained(folder, add_bos_token=True).save_pretrained(folder / "hf")
+    tok = load_tokenizer(folder / "hf")
+    assert isinstance(tok, HFTokenizer) and tok.add_bos and tok.bos_id == 1
+    return tok
+
+
+KINDS = ["mistral", "mistral_json", "smol"]  # SentencePiece, Metaspace tokenizer.json, GGUF byte-level BPE
+TEXT = st.lists(st.sampled_from([*"ab Z\n\t.,'é€😀你𝔘\u200d\ufffd", "  ", "the", " the"]), max_size=12).map("".join)
+
+
+def _completion(draw, tok) -> list[int]:
+    """Ids a model might generate: a text's tokens, with random ones (byte pieces, controls, unused) mixed in."""
+    ids = tok.encode(draw(TEXT), bos=False)
+    extra = st.one_of(st.integers(0, tok.vocab_size - 1), st.sampled_from(sorted(tok.stop_ids)),
+                      st.sampled_from(tok.encode("😀你𝔘é", bos=False)))
+    for _ in range(draw(st.integers(0, 4))):
+        ids.insert(draw(st.integers(0, len(ids))), draw(extra))
+    return ids
+
+
+@pytest.mark.parametrize("name", KINDS)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_streamed_text_is_the_continuation_of_the_prompt(name, request, data):
+    tok = request.getfixturevalue(name)
+    prompt = tok.encode(data.draw(TEXT.filter(bool)))
+    prompt = prompt[:data.draw(st.integers(1, len(prompt)))]  # the prompt may end inside a character
+    completion = _completion(data.draw, tok)
+    whole, head = tok.decode(prompt + completion), tok.context_text(prompt)
+    stable = all(whole.startswith(tok.context_text(prompt + completion[:k])) for k in range(len(completion)))
+    if name == "mistral_json":  # tokenizers' ByteFallback turns every byte of an invalid run into U+FFFD, so a
+        assume(stable)  # stray byte token rewrites the character before it: text already shown can't follow that
+    assert stable
+    pieces, streamed = _stream(tok, completion, prompt)
+    assert streamed == whole[len(head):], (prompt, completion)
+    assert head == tok.decode(prompt).rstrip("\ufffd")
+    if not whole.endswith("\ufffd"):  # nothing held back to the end when the text is complete
+        assert "".join(pieces) == streamed
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_first_token_keeps_its_space_and_split_characters_complete(name, request):
+    tok = request.getfixturevalue(name)
+    prompt = tok.encode("The capital of France is")
+    answer = tok.encode("The capital of France is direct 𝔘", bos=False)[len(prompt) - tok.add_bos:]
+    assert _stream(tok, answer, prompt)[1] == " direct 𝔘"
+    code = tok.encode("def f():\n    return a")  # a HumanEval body after its prompt keeps all four spaces
+    cuts = [k for k in range(len(code)) if tok.decode(code[:k]) == "def f():\n"]
+    assert cuts or name == "smol"  # byte-level BPE reads "\n   " as one token
+    for k in cuts:
+        assert _stream(tok, code[k:], code[:k])[1] == "    return a"
+    emoji = tok.encode("a😀", bos=False)
+    for n in range(2, len(emoji)):  # the context ends inside the emoji: the rest of it comes out whole
+        assert tok.context_text(emoji[:n]) == "a"
+        assert _stream(tok, emoji[n:], emoji[:n])[1] == "😀"

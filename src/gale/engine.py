@@ -40,7 +40,7 @@ class StreamDecoder(Protocol):
 class TokenizerLike(Protocol):
     stop_ids: frozenset[int]
 
-    def decoder(self) -> StreamDecoder: ...
+    def decoder(self, context: list[int]) -> StreamDecoder: ...
 
 
 class Status(enum.Enum):
@@ -165,7 +165,7 @@ class Engine:
     def add(self, prompt: list[int], params: SamplingParams) -> Sequence:
         self.check_prompt(prompt)
         generator = None if params.greedy else make_generator(params.seed, self.model.device)
-        seq = Sequence(next(self._ids), list(prompt), params, generator, self.tokenizer.decoder())
+        seq = Sequence(next(self._ids), list(prompt), params, generator, self.tokenizer.decoder(prompt))
         self.waiting.append(seq)
         return seq
 

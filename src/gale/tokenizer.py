@@ -71,6 +71,14 @@ class Tokenizer:
         """A streaming detokenizer; `context` (e.g. the prompt) makes the first piece read as its continuation."""
         return StreamDecoder(self, context)
 
+    def context_text(self, ids: Sequence[int]) -> str:
+        """The text of `ids` that tokens after them cannot change: what a decoder given them as context follows.
+
+        decode(ids) less an incomplete character at its end, which a continuation's text starts with once completed
+        (so context_text(prompt) + completion text == decode(prompt + completion), as `echo` returns it).
+        """
+        return settled(self.decode(ids))
+
     def token_text(self, token_id: int) -> str:
         """The text one token adds after other text (its leading space kept, which decoding it alone drops)."""
         anchor = self._anchor()
@@ -155,18 +163,20 @@ class HFTokenizer(Tokenizer):
 
 
 class StreamDecoder:
-    """Incremental detokenization whose pieces join to exactly `decode(ids)` (after the context).
+    """Incremental detokenization: the pieces after `context` join to `decode(context + ids)` less `settled(context)`.
 
     Decoding ids one by one is wrong twice over: SentencePiece drops the leading space of the first piece it sees,
     and a character split across byte tokens decodes as U+FFFD. So, as text-generation-inference does, a short
-    window is decoded with and without the new ids and only the difference is emitted; the window starts at the
-    ids already emitted (whose text anchors the spacing) and output waits while it ends in an incomplete character.
+    window of ids (the last context ids first, which anchor the spacing) is decoded as a whole and only the text
+    beyond what was already accounted for is emitted; text ending in U+FFFD waits, since the next byte may complete
+    the character. The context counts only up to its own incomplete end, so a character the first generated token
+    completes is emitted whole.
     """
 
     def __init__(self, tok: Tokenizer, context: Sequence[int] = ()) -> None:
         self._tok = tok
-        self._ids = list(context[-_STREAM_CONTEXT:]) if context else []
-        self._prefix, self._read = 0, len(self._ids)
+        self._ids = self._window(list(context))
+        self._done = len(settled(tok.decode(self._ids)))  # characters of the window's text already accounted for
 
     def push(self, token_id: int) -> str:
         """The new text that `token_id` completes ("" while a character or a space is still undecided)."""
@@ -178,13 +188,28 @@ class StreamDecoder:
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
-        done = self._tok.decode(self._ids[self._prefix:self._read])
-        text = self._tok.decode(self._ids[self._prefix:])
-        if len(text) <= len(done) or (text.endswith("\ufffd") and not final):
-            return ""
-        self._ids = self._ids[self._read:]  # the ids just decoded become the next window's anchor
-        self._prefix, self._read = 0, len(self._ids)
-        return text[len(done):]
+        text = self._tok.decode(self._ids)
+        ready = text if final else settled(text)
+        piece = ready[self._done:]
+        self._done = max(self._done, len(ready))
+        if ready == text and len(self._ids) > _STREAM_CONTEXT:  # all of it shown: restart on the last ids
+            self._ids = self._window(self._ids)
+            self._done = len(self._tok.decode(self._ids))
+        return piece
+
+    def _window(self, ids: list[int]) -> list[int]:
+        """The last ids, starting where a character does: decoders that read a run of byte tokens as a whole
+        (tokenizers' ByteFallback) turn all of it into U+FFFD when it starts inside a character."""
+        start = max(0, len(ids) - _STREAM_CONTEXT)
+        for k in range(start, max(-1, start - 4), -1):  # a character is at most 4 byte tokens
+            if not self._tok.decode(ids[k:]).startswith("\ufffd"):
+                return ids[k:]
+        return ids[start:]
+
+
+def settled(text: str) -> str:
+    """`text` without the U+FFFD it ends with: bytes of a character that later tokens may still complete."""
+    return text.rstrip("\ufffd")
 
 
 def load_tokenizer(path: str | Path, gguf_metadata: dict[str, Any] | None = None) -> Tokenizer:
