@@ -215,6 +215,7 @@ class RollingCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         initial: int = 256,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         self.capacity = buffer_capacity(args, capacity)
         self.window = args.sliding_window
@@ -222,6 +223,8 @@ class RollingCache:
         self.rolls = self.window is not None and self.capacity >= self.window
         self.n_layers, self.kv_shape = args.n_layers, (args.n_kv_heads, args.head_dim)
         self.device, self.dtype = torch.device(device), dtype
+        # Storage may be narrower than the model's arithmetic (fp16 K/V under an fp32 model): reads convert.
+        self.compute_dtype = compute_dtype or dtype
         self.lengths = [0] * max_seqs
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -302,8 +305,8 @@ class RollingCache:
 
     def keys_values(self, layer: int, meta: BatchMeta) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `buffer_len` buffer entries of the batch's slots: `[B, n_kv_heads, buffer_len, head_dim]`."""
-        n = meta.buffer_len
-        return self.k[layer][meta.slots, :, :n], self.v[layer][meta.slots, :, :n]
+        n, dt = meta.buffer_len, self.compute_dtype
+        return self.k[layer][meta.slots, :, :n].to(dt), self.v[layer][meta.slots, :, :n].to(dt)
 
     def store(self, layer: int, meta: BatchMeta, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write packed new keys/values `[N, n_kv_heads, head_dim]` to their buffer indices."""

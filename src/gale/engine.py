@@ -132,10 +132,13 @@ class Engine:
         cache_len: int | None = None,
         step_tokens: int | None = None,
         prefix_cache_tokens: int = 2048,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         args = model.args
         self.model, self.tokenizer = model, tokenizer
-        self.cache = RollingCache(args, max_seqs, cache_len, device=model.device, dtype=model.dtype)
+        # kv_dtype: the cache's storage (e.g. fp16 under an fp32 model: half the memory); reads compute in model.dtype
+        self.cache = RollingCache(args, max_seqs, cache_len, device=model.device, dtype=kv_dtype or model.dtype,
+                                  compute_dtype=model.dtype)
         self.context_len = context_len or args.max_seq_len
         if not self.cache.rolls:
             self.context_len = min(self.context_len, self.cache.capacity)
