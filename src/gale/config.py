@@ -57,7 +57,13 @@ def _window(value: Any) -> int | None:
 
 
 def from_params_json(d: dict[str, Any], vocab_size: int | None = None) -> ModelArgs:
-    """Official Mistral `params.json` (keys as in mistral-inference)."""
+    """Official Mistral `params.json` (keys as in mistral-inference; its `yarn` or `rope_scaling` is refused)."""
+    if d.get("yarn"):
+        _refuse_rope_scaling("yarn", "params.json")
+    if d.get("rope_scaling"):
+        scaling = d["rope_scaling"]
+        _refuse_rope_scaling(scaling.get("rope_type", scaling.get("type", "?")) if isinstance(scaling, dict)
+                             else scaling, "params.json rope_scaling")
     return ModelArgs(
         dim=d["dim"],
         n_layers=d["n_layers"],
@@ -74,14 +80,61 @@ def from_params_json(d: dict[str, Any], vocab_size: int | None = None) -> ModelA
     )
 
 
+def _refuse_rope_scaling(kind: Any, where: str) -> None:
+    """Gale rotates by plain RoPE only; any other type would load and quietly compute something else."""
+    if kind not in (None, "default"):
+        raise ValueError(f"{where}: RoPE scaling {kind!r} is not implemented (Gale applies plain RoPE only)")
+
+
+def _hf_rope_theta(d: dict[str, Any]) -> float:
+    """RoPE's base from a config.json in either spelling, refusing what Gale does not compute.
+
+    transformers < 5 writes top-level `rope_theta` and `rope_scaling` ({"type" or "rope_type": ..., "factor"});
+    transformers >= 5 writes `rope_parameters` = {"rope_type", "rope_theta", ...} (scaling merged in), possibly one
+    such dict per layer type, and may move `partial_rotary_factor` inside it.
+    """
+    params = d.get("rope_parameters") or {}
+    if params and all(isinstance(v, dict) for v in params.values()):  # per layer type: Gale has one RoPE
+        if len({repr(sorted(v.items())) for v in params.values()}) > 1:
+            raise ValueError(f"rope_parameters differ by layer type ({sorted(params)}): not supported")
+        params = next(iter(params.values()))
+    for where, p in (("rope_parameters", params), ("rope_scaling", d.get("rope_scaling") or {})):
+        _refuse_rope_scaling(p.get("rope_type", p.get("type")), where)
+        partial = p.get("partial_rotary_factor", d.get("partial_rotary_factor"))
+        if partial not in (None, 1, 1.0):
+            raise ValueError(f"partial_rotary_factor={partial} is not supported (Gale rotates every dimension)")
+    if "rope_theta" in params and "rope_theta" in d and float(params["rope_theta"]) != float(d["rope_theta"]):
+        raise ValueError(f"config.json has two RoPE bases: rope_theta={d['rope_theta']} and "
+                         f"rope_parameters.rope_theta={params['rope_theta']}")
+    return float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+
+
+def _hf_window(d: dict[str, Any], arch: str) -> int | None:
+    """The sliding window of a config.json: Mistral's `sliding_window` (unless `use_sliding_window` is false),
+    or `layer_types` when every layer is "sliding_attention"; layers that mix both are refused."""
+    kinds = set(d.get("layer_types") or ())
+    if len(kinds) > 1:
+        raise ValueError(f"layer_types mixes {sorted(kinds)}: Gale gives every layer the same attention")
+    if arch != "mistral" or not d.get("use_sliding_window", True) or kinds == {"full_attention"}:
+        return None
+    return _window(d.get("sliding_window"))
+
+
+def _refuse_unsupported(d: dict[str, Any]) -> None:
+    """Fields whose non-default values Gale's model does not compute (biases, another activation)."""
+    for key in ("attention_bias", "mlp_bias"):
+        if d.get(key):
+            raise ValueError(f"{key}=true is not supported: Gale's layers have no biases")
+    if d.get("hidden_act", d.get("hidden_activation", "silu")) != "silu":
+        raise ValueError(f"hidden_act={d.get('hidden_act')!r} is not supported: Gale's feed-forward is SwiGLU (silu)")
+
+
 def from_hf_config(d: dict[str, Any]) -> ModelArgs:
-    """Hugging Face `config.json` of a Mistral or Llama model."""
+    """Hugging Face `config.json` of a Mistral or Llama model, as transformers 4 or 5 writes it."""
     arch = d.get("model_type", "mistral")
     if arch not in ("mistral", "llama"):
         raise ValueError(f"unsupported model_type {arch!r}: Gale runs Mistral and Llama architectures")
-    if d.get("rope_scaling"):
-        raise ValueError(f"rope_scaling {d['rope_scaling']!r} is not supported")
-    use_window = d.get("use_sliding_window", True)
+    _refuse_unsupported(d)
     return ModelArgs(
         dim=d["hidden_size"],
         n_layers=d["num_hidden_layers"],
@@ -90,9 +143,9 @@ def from_hf_config(d: dict[str, Any]) -> ModelArgs:
         n_heads=d["num_attention_heads"],
         n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
         vocab_size=d["vocab_size"],
-        sliding_window=_window(d.get("sliding_window")) if arch == "mistral" and use_window else None,
+        sliding_window=_hf_window(d, arch),
         max_seq_len=d.get("max_position_embeddings", 8192),
-        rope_theta=float(d.get("rope_theta", 10000.0)),
+        rope_theta=_hf_rope_theta(d),
         norm_eps=d.get("rms_norm_eps", 1e-5),
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
     )
@@ -163,6 +216,9 @@ def from_gguf_metadata(meta: dict[str, Any], tie_embeddings: bool) -> ModelArgs:
             raise ValueError(f"GGUF metadata lacks {arch}.{name}")
         return value
 
+    scaling, factor = meta.get(f"{arch}.rope.scaling.type"), meta.get(f"{arch}.rope.scaling.factor", 1.0)
+    if (scaling not in (None, "none") and factor not in (0, 1)) or meta.get(f"{arch}.rope.scale_linear", 1) != 1:
+        _refuse_rope_scaling(scaling or "linear", f"GGUF {arch}.rope.scaling")
     dim, n_heads = int(key("embedding_length")), int(key("attention.head_count"))
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ())) or None
     if vocab is None:
