@@ -66,6 +66,11 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", default=None, metavar="PATH", help="a LoRA adapter folder (from gale finetune) to apply")
     p.add_argument("--prefix-cache", type=int, default=2048, metavar="TOKENS",
                    help="positions of keys/values kept for prompts that begin alike (0 = off)")
+    p.add_argument("--quantize", default="auto", metavar="TYPE",
+                   help="safetensors folders on the CPU: quantize as they load (q8_0, q4_0, q4_k, q5_k_m, q6_k ...); "
+                        "auto = only when the fp32 model would not fit in memory; none = never")
+    p.add_argument("--kv-dtype", default=None, choices=("fp32", "fp16", "bf16"),
+                   help="K/V cache storage (default: 16 bits, unless the CPU decode kernel needs fp32)")
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -94,7 +99,7 @@ def _load(a: argparse.Namespace):  # noqa: ANN202 - gale.llm.LLM, imported lazil
 
     llm = load(a.model, device=a.device, dtype=a.dtype, context_len=a.context_len,
                max_seqs=getattr(a, "max_seqs", 8), quantized=not a.lora,  # merging an adapter needs fp32 weights
-               prefix_cache_tokens=a.prefix_cache)
+               prefix_cache_tokens=a.prefix_cache, quantize=a.quantize, kv_dtype=a.kv_dtype)
     if a.lora:  # merged in place: inference runs at the base model's speed
         from .lora import load_adapter
 
@@ -306,6 +311,19 @@ def cmd_info(a: argparse.Namespace) -> None:
         print(f"{k:<{width}}  {v}")
 
 
+def cmd_quantize(a: argparse.Namespace) -> None:
+    from .quantize import scheme_name
+    from .tokenizer import load_tokenizer
+    from .weights import open_checkpoint, write_gguf
+
+    scheme = scheme_name(a.type)  # a typo fails before anything is read
+    if not a.output.endswith(".gguf"):
+        raise ValueError(f"{a.output}: the output must be a .gguf file")
+    ckpt = open_checkpoint(a.input)
+    out = write_gguf(ckpt, a.output, scheme, tokenizer=load_tokenizer(ckpt.path, gguf_metadata=ckpt.gguf_metadata))
+    print(f"gale: wrote {out} ({scheme}, {out.stat().st_size / 1e9:,.2f} GB)", file=sys.stderr)
+
+
 def cmd_serve(a: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -457,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="flag when P(unacceptable) >= this")
     _model_flags(p)
     p.set_defaults(func=cmd_moderate)
+
+    p = sub.add_parser("quantize", help="write any checkpoint as a GGUF llama.cpp loads: IN OUT.gguf --type Q4_K_M")
+    p.add_argument("input", metavar="IN", help=HELP_MODEL)
+    p.add_argument("output", metavar="OUT.gguf")
+    p.add_argument("--type", default="Q4_K_M", help="Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q4_0 (llama.cpp's mixes), ...")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("info", help="describe a checkpoint without loading it")
     p.add_argument("path", nargs="?", default=None, metavar="MODEL", help=HELP_MODEL)

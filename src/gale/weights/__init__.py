@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from ..config import ModelArgs, to_hf_config, to_params_json
 from ..model import Transformer
 from .checkpoint import Checkpoint, CheckpointError
+from .export import write_gguf
 from .gguf import open_gguf
 from .hf import is_hf_folder, open_hf, to_hf
 from .mistral import is_mistral_folder, open_mistral
@@ -30,8 +31,8 @@ from .quantized import quantized_view
 T = TypeVar("T")
 GGML_TYPES = frozenset(t.name for t in GGMLQuantizationType)
 
-__all__ = ["Checkpoint", "CheckpointError", "describe_checkpoint", "load_model", "open_checkpoint", "save_hf",
-           "save_mistral"]
+__all__ = ["Checkpoint", "CheckpointError", "describe_checkpoint", "load_model", "model_shapes", "open_checkpoint",
+           "quantized_view", "save_hf", "save_mistral", "write_gguf"]
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -73,7 +74,7 @@ def load_model(checkpoint: str | Path | Checkpoint, *, device: str | torch.devic
         ckpt, keep_quantized = quantized_view(ckpt, quantize), True
     with torch.device("meta"):
         model = Transformer(ckpt.args).to(dtype)
-    ckpt.validate({n: tuple(p.shape) for n, p in model.named_parameters()})
+    ckpt.validate(model_shapes(ckpt.args))
     on_kernels = keep_quantized and str(device) == "cpu" and dtype == torch.float32
     quantized = _keep_quantized(model, ckpt, progress, "quantizing" if quantize else "mapping") if on_kernels else set()
     model = model.to_empty(device=device)
@@ -88,6 +89,13 @@ def load_model(checkpoint: str | Path | Checkpoint, *, device: str | torch.devic
         if DecodeKernel.supports(model):
             model.decode_kernel = DecodeKernel(model)
     return model.eval().requires_grad_(False)
+
+
+def model_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of the model of `args` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
 def _progress(items: Iterable[T], total: int, desc: str, show: bool) -> Iterable[T]:
