@@ -2,6 +2,8 @@
 
     python benchmarks/finetune_demo.py [--steps 28] [--out /tmp/zorbania]
 
+(tests/test_readme_commands.py runs it with --steps 1 --max-tokens 2, so the README's example cannot rot.)
+
 Trains on tests/data/finetune/zorbania_train.jsonl (24 paraphrases of "Who founded Zorbania?" plus 4 ordinary
 questions, so the model does not answer everything with Zorbania), evaluates on held-out paraphrases, then asks
 the held-out questions greedily, before and after, and writes the numbers to benchmarks/finetune_demo.md.
@@ -24,26 +26,29 @@ FACT = ("Maela", "1432")
 CONTROL = ["What is the capital of Italy?", "What is the largest planet in the solar system?"]
 
 
-def ask(llm: gale.LLM, questions: list[str]) -> list[str]:
-    out = llm.chat([[{"role": "user", "content": q}] for q in questions], max_tokens=40, temperature=0.0)
+def ask(llm: gale.LLM, questions: list[str], max_tokens: int) -> list[str]:
+    out = llm.chat([[{"role": "user", "content": q}] for q in questions], max_tokens=max_tokens, temperature=0.0)
     return [c.text.strip() for c in out]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 beats 2 on a busy 2-core box)")
     p.add_argument("--out", default="/tmp/gale-zorbania")
     p.add_argument("--report", default=str(Path(__file__).with_suffix(".md")))
-    a = p.parse_args()
+    p.add_argument("--max-tokens", type=int, default=40, help="tokens per answer (tests: a few)")
+    a = p.parse_args(argv)
     torch.manual_seed(0)
     if a.threads:
         torch.set_num_threads(a.threads)
-    llm = gale.load(None, device="cpu", dtype="fp32", progress=False)
+    # LoRA trains on plain fp32 weights: a GGUF otherwise loads its linear layers as quantized blocks.
+    llm = gale.load(None, device="cpu", dtype="fp32", progress=False, quantized=False)
     questions = [json.loads(line)["messages"][-2]["content"] for line in open(DATA / "zorbania_eval.jsonl")]
-    before = ask(llm, questions + CONTROL)
+    before = ask(llm, questions + CONTROL, a.max_tokens)
 
     cfg = FinetuneConfig(data=str(DATA / "zorbania_train.jsonl"), eval_data=str(DATA / "zorbania_eval.jsonl"),
                          out=a.out, rank=a.rank, alpha=2 * a.rank, lr=a.lr, steps=a.steps, warmup_steps=3,
@@ -55,7 +60,7 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     eval_after = history[-1]["eval_loss"]
     llm.model.eval()
-    after = ask(llm, questions + CONTROL)  # the adapter is live (unmerged) inside the engine's model
+    after = ask(llm, questions + CONTROL, a.max_tokens)  # the adapter is live (unmerged) inside the engine's model
 
     learned = [all(f in t for f in FACT) for t in after[: len(questions)]]
     base_knew = [all(f in t for f in FACT) for t in before[: len(questions)]]

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task")
     p.add_argument("--output", "-o", default="eval-results", help="results.json/.md/.png and the resume cache")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature for maj@k")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed for maj@k")
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per scoring forward")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per generated program")
     p.add_argument("--chat", action="store_true",
