@@ -23,7 +23,7 @@ FORMATS = {
 }
 # Scheme -> (base type of the layers, llama.cpp's file type id for general.file_type).
 SCHEMES = {"Q4_0": ("Q4_0", 2), "Q4_1": ("Q4_1", 3), "Q5_0": ("Q5_0", 8), "Q5_1": ("Q5_1", 9), "Q8_0": ("Q8_0", 7),
-           "Q4_K_M": ("Q4_K", 15), "Q5_K_M": ("Q5_K", 17), "Q6_K": ("Q6_K", 18)}
+           "Q4_K_M": ("Q4_K", 15), "Q5_K_M": ("Q5_K", 17), "Q6_K": ("Q6_K", 18), "F16": ("F16", 1), "F32": ("F32", 0)}
 ALIASES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # as llama-quantize reads them
 _MIXES = ("Q4_K_M", "Q5_K_M")
 # A type whose block does not divide a tensor's columns falls back to a 32-wide one (llama.cpp's fallbacks).
@@ -51,9 +51,9 @@ def _more_bits(layer: int, n_layers: int) -> bool:
 def tensor_type(name: str, shape: tuple[int, ...], scheme: str, n_layers: int, tied: bool) -> str:
     """The GGUF type llama.cpp's quantizer gives tensor `name` (Gale naming) under `scheme`: "F32" for
     vectors, "F16" for a matrix whose columns no block divides, else a key of FORMATS."""
-    if len(shape) < 2:
-        return "F32"
     base = SCHEMES[scheme][0]
+    if len(shape) < 2 or base in ("F16", "F32"):
+        return "F32" if len(shape) < 2 else base
     cols = shape[-1]
     if name == "output.weight" or (tied and name == "tok_embeddings.weight"):
         kind = "Q8_0" if base == "Q8_0" or cols % 256 else "Q6_K"
@@ -78,39 +78,12 @@ def _library() -> ctypes.CDLL | None:
     from .quant import kernels
 
     lib = kernels()
-    if lib is not None and not hasattr(lib, "gale_quantize"):
-        lib = _build_alone()
-    if lib is None:
+    if lib is None or not hasattr(lib, "gale_quantize"):
         return None
     lib.gale_quantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                   ctypes.c_int]
     lib.gale_quantize.restype = ctypes.c_int
     return lib
-
-
-def _build_alone() -> ctypes.CDLL | None:
-    """Transitional: quantize.c compiled on its own, until gale.quant.kernels() builds every csrc/*.c."""
-    import hashlib
-    import os
-    import shutil
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    source = Path(__file__).parent / "csrc" / "quantize.c"
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
-        return None
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gale"
-    lib = cache / f"quantize-{hashlib.sha256(source.read_bytes()).hexdigest()[:16]}.so"
-    if not lib.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            out = Path(tmp) / "q.so"
-            flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-            subprocess.run([cc, *flags, str(source), "-o", str(out)], check=True, capture_output=True, timeout=120)
-            os.replace(out, lib)
-    return ctypes.CDLL(str(lib))
 
 
 def quantize(weight: torch.Tensor, kind: str) -> np.ndarray:
