@@ -114,8 +114,9 @@ _TOKENIZER_TYPES = {"tokenizer.ggml.tokens": V.STRING, "tokenizer.ggml.merges": 
 def tokenizer_metadata(tok: Any, gguf_metadata: dict[str, Any] | None = None,
                        vocab_size: int | None = None) -> dict[str, tuple[Any, Any]]:
     """GGUF `tokenizer.*` keys -> (value, GGUF value type (of the items, for a list)) for a Gale tokenizer:
-    copied from a GGUF source, else built as llama.cpp's converter builds them (SentencePiece "llama", byte-level BPE "gpt2"), padded
-    with unused `[PAD{i}]` tokens up to the model's vocabulary (llama.cpp wants one token per embedding row)."""
+    copied from a GGUF source, else built as llama.cpp's converter builds them (SentencePiece "llama",
+    byte-level BPE "gpt2"), padded with unused `[PAD{i}]` tokens up to the model's vocabulary (llama.cpp
+    wants one token per embedding row)."""
     if gguf_metadata is not None:
         meta = {k: v for k, v in gguf_metadata.items() if k.startswith("tokenizer.")}
     elif hasattr(tok, "sp"):
