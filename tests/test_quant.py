@@ -1,4 +1,5 @@
-"""Linear layers over GGUF blocks: exactly the dequantized weights, products equal to fp32 ones."""
+"""Linear layers over GGUF blocks: exactly the dequantized weights, products equal to fp32 ones (a single vector:
+within 2^-16 of each activation group's largest value), the one-call decode equal to the model's layers."""
 
 import copy
 import os
@@ -15,8 +16,11 @@ from gale.cache import RollingCache
 from gale.config import ModelArgs
 from gale.model import Transformer
 from gale.quant import (
+    BLOCK_BYTES,
+    BLOCK_ELEMS,
     GEMM_MIN_VECTORS,
     GEMV_MAX_VECTORS,
+    KINDS,
     PROJECTIONS,
     DecodeKernel,
     QuantEmbedding,
@@ -27,14 +31,43 @@ from gale.quant import (
 pytestmark = pytest.mark.skipif(kernels() is None, reason="no C compiler for the kernels")
 
 
-def layer(kind: str, out_features: int = 96, in_features: int = 160, seed: int = 0):
-    w = np.random.default_rng(seed).standard_normal((out_features, in_features)).astype(np.float32)
-    raw = quantize(w, GGMLQuantizationType[kind])
+K_KINDS = ["Q4_K", "Q5_K", "Q6_K"]
+
+
+def blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """GGUF records of a random weight: gguf's quantizer for the 32-wide kinds; for the K-quants (which gguf
+    cannot quantize) random bytes with fp16 scales that keep weights near unit size."""
+    qtype = GGMLQuantizationType[kind]
+    rng = np.random.default_rng(seed)
+    if kind not in K_KINDS:
+        return quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+    width, size = BLOCK_ELEMS[kind], BLOCK_BYTES[kind]
+    raw = rng.integers(0, 256, (rows, cols // width, size), dtype=np.uint8)
+    scales = (rng.uniform(0.5, 1.5, (rows, cols // width, 2)) / (200 * cols**0.5)).astype(np.float16).view(np.uint8)
+    if kind == "Q6_K":
+        raw[..., -2:] = scales[..., :2]  # d is the last field
+    else:
+        raw[..., :4] = scales  # d, dmin come first
+    return raw.reshape(rows, -1)
+
+
+def layer(kind: str, out_features: int = 96, in_features: int = 512, seed: int = 0):
+    raw = blocks(kind, out_features, in_features, seed)
     return QuantLinear.from_gguf(kind, raw, out_features, in_features), torch.from_numpy(
         dequantize(raw, GGMLQuantizationType[kind]).reshape(out_features, in_features).copy())
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def single_vector_bound(x: torch.Tensor, w: torch.Tensor, kind: str) -> torch.Tensor:
+    """What the one-vector path guarantees: each activation is held to 2^-16 of its group's largest value
+    (error <= max / 65024 each), so |error| <= sum_groups max|x_g| sum_(j in g) |w_j| / 65024, plus fp32
+    summation noise."""
+    group = BLOCK_ELEMS[kind]
+    top = x.double().abs().reshape(x.shape[0], -1, group).amax(-1)  # [n, groups]
+    wsum = w.double().abs().reshape(w.shape[0], -1, group).sum(-1)  # [rows, groups]
+    return top @ wsum.T / 65024 * 1.001 + 1e-6 * (x.double().abs() @ w.double().abs().T)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_blocks_dequantize_exactly_as_gguf(kind):
     q, w = layer(kind)
     assert torch.equal(q.dequantized(), w)
@@ -42,7 +75,7 @@ def test_blocks_dequantize_exactly_as_gguf(kind):
     assert torch.equal(QuantEmbedding(q)(index), w[index])  # lookups read the same blocks
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n", [1, 2, 3, GEMV_MAX_VECTORS, GEMV_MAX_VECTORS + 1, 40, GEMM_MIN_VECTORS + 1])
 def test_products_equal_fp32_ones(kind, n):
     q, w = layer(kind, seed=n)
@@ -50,20 +83,23 @@ def test_products_equal_fp32_ones(kind, n):
     ref = x.double() @ w.double().T
     got = q(x)
     assert got.dtype == torch.float32 and got.shape == (n, w.shape[0])
-    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    if n == 1:  # integer products with 16-bit activations
+        assert (got.double() - ref).abs().le(single_vector_bound(x, w, kind)).all()
+        assert (got.double() - ref).abs().max() > 0  # it is that path (fp32 sums would be closer still)
+    else:
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
-def test_single_vectors_keep_fp32_accuracy_over_wide_ranges(kind):
-    """One vector takes the int16-split path: values spanning 12 decades in a block, a zero block and a block
-    below 1e-30 must still give fp32-accurate products."""
-    q, w = layer(kind, in_features=192)
-    x = torch.randn(1, 192) * torch.logspace(-8, 4, 192)[torch.randperm(192)]
-    x[0, 32:64] = 0
-    x[0, 64:96] = 1e-35
+@pytest.mark.parametrize("kind", KINDS)
+def test_single_vectors_hold_each_groups_largest_value_to_16_bits(kind):
+    """Values spanning 12 decades, a zero group and a group below 1e-30 (zeros then, not garbage): errors stay
+    within 2^-16 of each group's largest value, whatever the spread inside it."""
+    q, w = layer(kind, in_features=1024)
+    x = torch.randn(1, 1024) * torch.logspace(-8, 4, 1024)[torch.randperm(1024)]
+    x[0, 256:512] = 0
+    x[0, 512:768] = 1e-35
     ref = x.double() @ w.double().T
-    bound = x.double().abs() @ w.double().abs().T  # error scale of any fp32 summation order
-    assert (q(x).double() - ref).abs().le(1e-6 * bound).all()
+    assert (q(x).double() - ref).abs().le(single_vector_bound(x, w, kind)).all()
 
 
 def test_any_leading_shape_and_layouts():
@@ -77,9 +113,11 @@ def test_any_leading_shape_and_layouts():
 
 def test_bad_blocks_are_refused():
     with pytest.raises(ValueError, match="no kernel"):
-        QuantLinear.from_gguf("Q5_K", np.zeros((4, 176), np.uint8), 4, 256)
-    with pytest.raises(ValueError, match="multiple of the 32"):
+        QuantLinear.from_gguf("Q5_0", np.zeros((4, 22), np.uint8), 4, 32)
+    with pytest.raises(ValueError, match="multiple of Q8_0's 32-wide"):
         QuantLinear.from_gguf("Q8_0", np.zeros((4, 34), np.uint8), 4, 40)
+    with pytest.raises(ValueError, match="multiple of Q4_K's 256-wide"):
+        QuantLinear.from_gguf("Q4_K", np.zeros((4, 144), np.uint8), 4, 128)
     with pytest.raises(ValueError, match="expected 80"):  # Q4_0-sized records (18 bytes) for a Q4_1 tensor
         QuantLinear.from_gguf("Q4_1", np.zeros((4, 18), np.uint8), 4, 32)
 
@@ -99,6 +137,34 @@ def test_default_model_keeps_its_blocks_and_its_logits(smollm2_path, smollm2_llm
             got, ref = smollm2_llm.model(x), plain(x)
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-3)
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+PASSAGE = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
+           "the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889. Locally "
+           "nicknamed \"La dame de fer\", it was constructed as the centrepiece of the 1889 World's Fair, and to crown "
+           "the centennial anniversary of the French Revolution. Although initially criticised by some of France's "
+           "leading artists and intellectuals for its design, it has since become a global cultural icon of France and "
+           "one of the most recognisable structures in the world.")
+
+
+def test_quality_gate_single_vector_integer_path_on_real_text(smollm2_path, smollm2_llm):
+    """The quality gate of the 16-bit-activation integer path (every decode step at batch 1 takes it): on a real
+    passage, token by token through the one-call decode, against the dequantized fp32 model. Measured: perplexity
+    7.32604 vs 7.32603 (1.4e-6 relative), top-1 agreement 100%, largest logit difference 0.007 (logits span
+    +-30). Gate: perplexity within 0.1%, top-1 agreement >= 99%, logits within 0.05."""
+    from gale.weights import load_model
+
+    ids = torch.tensor(smollm2_llm.tokenizer.encode(PASSAGE))
+    model = smollm2_llm.model
+    assert isinstance(model.decode_kernel, DecodeKernel)
+    cache = RollingCache(model.args, 1)
+    with torch.inference_mode():
+        fast = torch.cat([model(t.view(1), cache.prepare([0], [1]), cache) for t in ids])
+        ref = load_model(smollm2_path, progress=False)(ids)
+    nll = [torch.nn.functional.cross_entropy(x[:-1], ids[1:]).item() for x in (fast, ref)]
+    assert abs(nll[0] - nll[1]) < 1e-3  # perplexity within 0.1%
+    assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.99
+    assert (fast - ref).abs().max() < 0.05
 
 
 def test_without_a_compiler_models_load_dequantized(smollm2_path):
@@ -125,20 +191,24 @@ def quantized(model: Transformer, kind: str) -> Transformer:
         for name in PROJECTIONS:
             parent, _, attr = name.rpartition(".")
             weight = block.get_submodule(name).weight.detach()
-            raw = quantize(weight.numpy(), GGMLQuantizationType[kind])
+            raw = quantize(weight.numpy(), GGMLQuantizationType[kind]) if kind not in K_KINDS else \
+                blocks(kind, *weight.shape, seed=weight.shape[0])
             setattr(block.get_submodule(parent), attr, QuantLinear.from_gguf(kind, raw, *weight.shape))
     assert DecodeKernel.supports(q)
     q.decode_kernel = DecodeKernel(q)
     return q
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "window"), [(4, 2, 16, 5), (8, 2, 12, 3), (4, 4, 16, None)])
 def test_one_call_decode_equals_the_models_layers(kind, heads, kv_heads, head_dim, window):
     """gale_decode against model.py's Attention/FeedForward on the same blocks: sequences of different lengths
-    in non-contiguous slots, decoding far past tiny windows (the rolling buffer wraps many times)."""
+    in non-contiguous slots, decoding far past tiny windows (the rolling buffer wraps many times). K-quant
+    layers need every width in 256s."""
     torch.manual_seed(0)
-    args = ModelArgs(dim=64, n_layers=2, head_dim=head_dim, hidden_dim=96, n_heads=heads, n_kv_heads=kv_heads,
+    dim, hidden = (256, 512) if kind in K_KINDS else (64, 96)
+    head_dim = 256 // heads if kind in K_KINDS else head_dim
+    args = ModelArgs(dim=dim, n_layers=2, head_dim=head_dim, hidden_dim=hidden, n_heads=heads, n_kv_heads=kv_heads,
                      vocab_size=50, sliding_window=window, max_seq_len=64)
     fast = quantized(Transformer(args).eval(), kind)
     for p in fast.parameters():  # norms away from 1, so a wrong norm weight shows
@@ -161,7 +231,8 @@ def test_one_call_decode_equals_the_models_layers(kind, heads, kv_heads, head_di
             assert torch.equal(got.argmax(-1), ref.argmax(-1))
             tokens = ref.argmax(-1).repeat(2)
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)  # the kernel wrote the same keys and values
+        # the kernel wrote the same keys and values (the K-quant models' run to ~50)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * max(1.0, b.abs().max().item()))
 
 
 def test_one_call_decode_declines_a_cache_it_cannot_read():

@@ -1,12 +1,14 @@
-"""Linear layers whose weights stay in llama.cpp's 4- and 8-bit blocks (Q4_0, Q4_1, Q8_0).
+"""Linear layers whose weights stay in llama.cpp's blocks: Q4_0, Q4_1, Q8_0 (32 weights a block) and the
+K-quants Q4_K, Q5_K, Q6_K (256-weight super-blocks: what Q4_K_M / Q5_K_M / Q6_K files are made of).
 
 Decoding one token reads every weight once, so its speed is the memory bandwidth divided by the weight
-bytes: blocks of 4.5-5 bits instead of fp32 make it up to 6x faster. The product is computed by small C
-kernels (gale/csrc/kernels.c) with fp32-accurate activations and fp32 sums, so answers stay those of the
-dequantized model; a decode step can run all layers in one call (DecodeKernel). They are compiled on first
-use with the system's C compiler into ~/.cache/gale and called through ctypes (no Python headers, no
-ninja); without a compiler, models load dequantized as before. For more than 64 vectors at once (prefill)
-a layer is unpacked to fp32 and multiplied by torch's GEMM, faster there than re-reading the blocks.
+bytes: blocks of 4.5-8.5 bits instead of fp32 make it up to 7x faster. The products are computed by small C
+kernels (gale/csrc/*.c): one vector (decode at batch 1) as integer products of the weights' own integers
+with the activations held to 15 bits in two int8 planes (llama.cpp holds them to 8, which derails small
+models), a few vectors with fp32 activations and sums; a decode step can run all layers in one call
+(DecodeKernel). They are compiled on first use with the system's C compiler into ~/.cache/gale and called
+through ctypes (no Python headers, no ninja); without a compiler, models load dequantized as before. For more
+than 64 vectors at once (prefill) a layer is unpacked to fp32 and multiplied by torch's GEMM.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from torch import nn
 
 from .model import rope_rotations
 
-SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))  # compiled into one library
 GEMV_MAX_VECTORS = 8  # vectors per pass of the kernel over the blocks (MAX_VECTORS)
 GEMM_MIN_VECTORS = 64  # from here on, dequantize the layer and use torch's GEMM (prefill)
-KINDS = ("Q4_0", "Q4_1", "Q8_0")  # kernels.c's GALE_Q4_0, GALE_Q4_1, GALE_Q8_0
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # per 32 weights
+KINDS = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")  # kernels.c's GALE_Q4_0 .. GALE_Q6_K
+BLOCK_ELEMS = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}  # weights per block
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # bytes per block
 
 
 @functools.cache
@@ -46,7 +49,8 @@ def kernels() -> ctypes.CDLL | None:
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
     if platform.machine().lower() not in ("x86_64", "amd64"):
         flags[1] = "-mcpu=native"
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags, platform.machine(), _cpu_name()]).encode())
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)
+                         + " ".join([cc, *flags, platform.machine(), _cpu_name()]).encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gale"
     lib = cache / f"gemv-{key.hexdigest()[:16]}.so"
     if not lib.exists():
@@ -54,7 +58,8 @@ def kernels() -> ctypes.CDLL | None:
             cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
                 out = Path(tmp) / "gemv.so"
-                subprocess.run([cc, *flags, str(SOURCE), "-o", str(out)], check=True, capture_output=True, timeout=120)
+                subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(out)], check=True, capture_output=True,
+                               timeout=120)
                 os.replace(out, lib)  # atomic: concurrent first uses never load a half-written file
         except (OSError, subprocess.SubprocessError) as e:
             err = getattr(e, "stderr", b"") or b""
@@ -103,7 +108,7 @@ def _cpu_name() -> str:
 
 
 class QuantLinear(nn.Module):
-    """`y = x W^T` with W in GGUF's 32-wide block records (Q4_0, Q4_1, Q8_0), read in place.
+    """`y = x W^T` with W in GGUF's block records (any of KINDS), read in place.
 
     Inference only (no gradient). `from_gguf` takes a tensor's raw blocks, rows = output features; a view of
     a memory-mapped file stays one (the weights are the file's pages: no copy, nothing to load).
@@ -123,9 +128,10 @@ class QuantLinear(nn.Module):
     def from_gguf(cls, kind: str, raw: np.ndarray, out_features: int, in_features: int) -> QuantLinear:
         if kind not in KINDS or kernels() is None:
             raise ValueError(f"no kernel for {kind} blocks (or no C compiler to build it)")
-        if in_features % 32:
-            raise ValueError(f"in_features={in_features} is not a multiple of the 32-wide blocks")
-        size = BLOCK_BYTES[kind] * (in_features // 32)
+        width = BLOCK_ELEMS[kind]
+        if in_features % width:
+            raise ValueError(f"in_features={in_features} is not a multiple of {kind}'s {width}-wide blocks")
+        size = BLOCK_BYTES[kind] * (in_features // width)
         if raw.size != out_features * size:
             raise ValueError(f"{kind} blocks of {raw.size} bytes for a {out_features}x{in_features} weight "
                              f"(expected {out_features * size})")

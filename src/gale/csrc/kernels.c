@@ -118,29 +118,78 @@ static void swiglu(float *g, const float *u, int64_t n) {
     for (; i < n; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
 }
 
-enum { GALE_Q4_0 = 0, GALE_Q4_1 = 1, GALE_Q8_0 = 2 };
+enum { GALE_Q4_0 = 0, GALE_Q4_1 = 1, GALE_Q8_0 = 2, GALE_Q4_K = 3, GALE_Q5_K = 4, GALE_Q6_K = 5 };
 
-static inline int64_t block_bytes(int64_t kind) { return kind == GALE_Q8_0 ? 34 : kind == GALE_Q4_1 ? 20 : 18; }
+/* Weights per block and bytes per block record, by kind (quant.py's KINDS order). */
+static const int64_t BLOCK_ELEMS[] = {32, 32, 32, 256, 256, 256};
+static const int64_t BLOCK_BYTES[] = {18, 20, 34, 144, 176, 210};
+static inline int is_k(int64_t kind) { return kind >= GALE_Q4_K; }
 
-/* The block's quantized values, scale d and offset m (0 for Q8_0). */
-static inline const uint8_t *block_qs(int64_t kind, const uint8_t *blk) { return blk + (kind == GALE_Q4_1 ? 4 : 2); }
-static inline float block_d(const uint8_t *blk) {
+static inline float half_at(const uint8_t *p) {
     uint16_t h;
-    memcpy(&h, blk, 2);
+    memcpy(&h, p, 2);
     return h2f(h);
 }
+
+/* The block's quantized values, scale d and offset m (0 for Q8_0): W = d * q + m (32-wide kinds). */
+static inline const uint8_t *block_qs(int64_t kind, const uint8_t *blk) { return blk + (kind == GALE_Q4_1 ? 4 : 2); }
 static inline float block_m(int64_t kind, const uint8_t *blk, float d) {
     if (kind == GALE_Q8_0) return 0.f;
     if (kind == GALE_Q4_0) return -8.f * d;
-    uint16_t h;
-    memcpy(&h, blk + 2, 2);
-    return h2f(h);
+    return half_at(blk + 2);
 }
 
-/* The block's 32 weights d * q + m in fp32 (scalar code paths: dequantization, the portable row loop). */
-static inline void block_weights(int64_t kind, const uint8_t *blk, float w[32]) {
+/* Q4_K / Q5_K: the 6-bit scales and minimums of the 8 sub-blocks of 32, packed in 12 bytes (llama.cpp's
+ * get_scale_min_k4): bytes 0-3 hold scales 0-3 and the top bits of scales 4-7, bytes 4-7 the same for the
+ * minimums, bytes 8-11 the low nibbles of scales 4-7 (low) and minimums 4-7 (high). */
+static inline void k_scales_mins(const uint8_t *packed, uint8_t sc[8], uint8_t m[8]) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = packed[j] & 63;
+        m[j] = packed[j + 4] & 63;
+        sc[j + 4] = (packed[j + 8] & 0x0f) | ((packed[j] >> 6) << 4);
+        m[j + 4] = (packed[j + 8] >> 4) | ((packed[j + 4] >> 6) << 4);
+    }
+}
+
+/* A block's weights in fp32, exactly as gguf's reference dequantizers compute them (every product of an
+ * fp16 scale and a small integer is exact in fp32; Q6_K rounds once, at (d * scale) * q as gguf does).
+ * Super-blocks of 256 (llama.cpp's block_q4_K/q5_K/q6_K):
+ *   Q4_K {fp16 d, dmin, scales[12], qs[128]}: sub-block i of 32: W = d*sc_i * q - dmin*m_i, q in 0..15;
+ *        qs[32j + l] holds column l of sub-block 2j (low nibble) and of sub-block 2j + 1 (high nibble).
+ *   Q5_K {fp16 d, dmin, scales[12], qh[32], qs[128]}: as Q4_K, q += 16 * bit i of qh[l] (sub-block i).
+ *   Q6_K {ql[128], qh[64], int8 scales[16], fp16 d}: W = d*sc_(c/16) * (q - 32), q in 0..63; in each half of
+ *        128 columns, ql[l] / ql[l + 32] give the low 4 bits of columns l, l + 32 (low nibbles) and l + 64,
+ *        l + 96 (high nibbles), qh[l] their top 2 bits (bits 0-1, 2-3, 4-5, 6-7). */
+static void block_weights(int64_t kind, const uint8_t *blk, float *w) {
+    if (kind == GALE_Q4_K || kind == GALE_Q5_K) {
+        float d = half_at(blk), dmin = half_at(blk + 2);
+        uint8_t sc[8], m[8];
+        k_scales_mins(blk + 4, sc, m);
+        const uint8_t *qh = blk + 16, *qs = blk + (kind == GALE_Q5_K ? 48 : 16);
+        for (int i = 0; i < 8; i++) {
+            float di = d * (float)sc[i], mi = dmin * (float)m[i];
+            for (int l = 0; l < 32; l++) {
+                int q = (qs[32 * (i / 2) + l] >> (4 * (i & 1))) & 0x0f;
+                if (kind == GALE_Q5_K) q |= ((qh[l] >> i) & 1) << 4;
+                w[32 * i + l] = di * (float)q - mi;
+            }
+        }
+        return;
+    }
+    if (kind == GALE_Q6_K) {
+        const uint8_t *ql = blk, *qh = blk + 128;
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        float d = half_at(blk + 208);
+        for (int c = 0; c < 256; c++) {
+            int half = c / 128, r = c % 128, l = r % 32, part = r / 32; /* part 0..3: columns l + 32 part */
+            int low = (ql[64 * half + l + 32 * (part & 1)] >> (4 * (part >> 1))) & 0x0f;
+            int top = (qh[32 * half + l] >> (2 * part)) & 3;
+            w[c] = (d * (float)sc[c / 16]) * (float)((low | (top << 4)) - 32);
+        }
+        return;
+    }
     const uint8_t *q = block_qs(kind, blk);
-    float d = block_d(blk), m = block_m(kind, blk, d);
+    float d = half_at(blk), m = block_m(kind, blk, d);
     if (kind == GALE_Q8_0) {
         for (int j = 0; j < 32; j++) w[j] = d * (float)((const int8_t *)q)[j] + m;
         return;
@@ -168,114 +217,266 @@ static inline void unpack_q8(const int8_t *q, __m256 w[4]) {
         w[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * k))));
 }
 
-/* The int16 values of a block's columns (n[k] = columns 8k..8k+7) stored in the order the weight unpacking
- * below produces them: columns 0, 2, .., 14 | 1, 3, .., 15 | 16, 18, .., 30 | 17, 19, .., 31. */
-static inline void store_paired(int16_t *dst, __m256i n01, __m256i n23) {
-    const __m128i evens_odds = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
-    __m128i e0 = _mm_shuffle_epi8(_mm256_castsi256_si128(n01), evens_odds);
-    __m128i e1 = _mm_shuffle_epi8(_mm256_extracti128_si256(n01, 1), evens_odds);
-    __m128i e2 = _mm_shuffle_epi8(_mm256_castsi256_si128(n23), evens_odds);
-    __m128i e3 = _mm_shuffle_epi8(_mm256_extracti128_si256(n23, 1), evens_odds);
-    _mm_storeu_si128((__m128i *)dst, _mm_unpacklo_epi64(e0, e1));
-    _mm_storeu_si128((__m128i *)(dst + 8), _mm_unpackhi_epi64(e0, e1));
-    _mm_storeu_si128((__m128i *)(dst + 16), _mm_unpacklo_epi64(e2, e3));
-    _mm_storeu_si128((__m128i *)(dst + 24), _mm_unpackhi_epi64(e2, e3));
+#endif
+
+#ifdef GALE_AVX2
+/* ---- one vector: integer products on the weights' own integers ----
+ * Each group of x (32 columns for the 32-wide kinds, 256 for the super-block kinds, matching the weights'
+ * scales) is written as x = s * a with a = round(x / s) in [-32512, 32512] (s = max|x| / 32512: 16 bits,
+ * error <= 2^-16 of the group's largest value) and a split into two int8 planes a = 255 hi + lo, hi and lo
+ * in [-127, 127] (so |w| <= 128 times either never saturates vpmaddubsw's int16 pairs). Each plane meets
+ * the weights in vpmaddubsw (unsigned weight bytes x signed activation bytes), so a block costs integer
+ * instructions rather than a conversion of every weight to fp32; the planes' sums are exact int32 and the
+ * scales apply once per block. llama.cpp rounds activations to 8 bits instead (one plane), which derails
+ * small models; two planes keep their answers (tests/test_quant.py's quality gate on the default model). */
+typedef struct {
+    int8_t *hi, *lo;   /* [cols] */
+    float *scale;      /* [groups]: s */
+    float *sum;        /* [groups]: s * sum(a), the block sums the offsets of Q4_0 / Q4_1 multiply */
+    int32_t *sum16;    /* [cols / 16]: sum(a) of each 16 columns (the super-block kinds' minimums, Q6_K's -32) */
+    int32_t *minus8;   /* [groups][8]: {-8 sum(a), 0, ..}: Q4_0's offset added to a block's integer lanes */
+} gale_xq;
+
+#define XQ_MAX 32512.f
+#define XQ_BASE 255
+
+static void xq_alloc(gale_xq *xq, int64_t cols) {
+    xq->hi = malloc(cols);
+    xq->lo = malloc(cols);
+    xq->scale = malloc(sizeof(float) * (cols / 32));
+    xq->sum = malloc(sizeof(float) * (cols / 32));
+    xq->sum16 = malloc(sizeof(int32_t) * (cols / 16));
+    xq->minus8 = calloc(cols / 4, sizeof(int32_t));
 }
 
-/* x [cols] -> per block: hi/lo int16 halves (store_paired order), scale s and the fp32 block sum (Q4
- * offsets). */
-static void split_int16(const float *x, int64_t cols, int16_t *hi, int16_t *lo, float *scale, float *sums) {
-    const __m256 sign = _mm256_set1_ps(-0.f), frac = _mm256_set1_ps(32768.f);
-    for (int64_t b = 0; b < cols / 32; b++) {
-        const float *xb = x + b * 32;
-        __m256 v[4], mx = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
-        for (int k = 0; k < 4; k++) {
-            v[k] = _mm256_loadu_ps(xb + 8 * k);
-            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[k]));
-            sum = _mm256_add_ps(sum, v[k]);
-        }
+static void xq_free(gale_xq *xq) { free(xq->hi); free(xq->lo); free(xq->scale); free(xq->sum); free(xq->sum16); free(xq->minus8); }
+
+/* 32 int32 lanes (4 vectors, columns in order) -> 32 int8 in column order. */
+static inline __m256i pack_i8(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(a0, a1), _mm256_packs_epi32(a2, a3));
+    return _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+static inline int32_t hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* Quantize x [cols] in groups of `group` columns (32 or 256). Groups whose largest |x| is below 1e-30 (or
+ * NaN) count as zeros: their products are below fp32's resolution of any sum they join. */
+static void xq_quantize(const float *x, int64_t cols, int64_t group, gale_xq *xq) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int64_t g = 0; g < cols / group; g++) {
+        const float *xg = x + g * group;
+        __m256 mx = _mm256_setzero_ps();
+        for (int64_t i = 0; i < group; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xg + i)));
         __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
         m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         float top = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
-        int tiny = !(top >= 1e-30f); /* also NaN: the block's products are then zero, not garbage */
-        scale[b] = tiny ? 0.f : top / 32767.f;
-        sums[b] = hsum(sum);
-        __m256 inv = _mm256_set1_ps(tiny ? 0.f : 32767.f / top);
-        __m256i hp[2], lp[2];
-        for (int k = 0; k < 4; k += 2) {
-            __m256 t0 = _mm256_mul_ps(v[k], inv), t1 = _mm256_mul_ps(v[k + 1], inv);
-            __m256 h0 = _mm256_round_ps(t0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            __m256 h1 = _mm256_round_ps(t1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            __m256i l0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(t0, h0), frac));
-            __m256i l1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(t1, h1), frac));
-            /* packs interleaves 128-bit lanes: permute back to column order */
-            hp[k / 2] = _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_cvtps_epi32(h0), _mm256_cvtps_epi32(h1)), 0xd8);
-            lp[k / 2] = _mm256_permute4x64_epi64(_mm256_packs_epi32(l0, l1), 0xd8);
+        int tiny = !(top >= 1e-30f);
+        float s = tiny ? 0.f : top / XQ_MAX;
+        __m256 inv = _mm256_set1_ps(tiny ? 0.f : XQ_MAX / top);
+        __m256i total = _mm256_setzero_si256();
+        for (int64_t c = 0; c < group; c += 32) {
+            __m256i a[4], h[4], l[4];
+            for (int k = 0; k < 4; k++) {
+                a[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + c + 8 * k), inv)); /* round to nearest */
+                h[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_cvtepi32_ps(a[k]), _mm256_set1_ps(1.f / XQ_BASE)));
+                l[k] = _mm256_sub_epi32(a[k], _mm256_sub_epi32(_mm256_slli_epi32(h[k], 8), h[k])); /* a - 255 hi */
+            }
+            _mm256_storeu_si256((__m256i *)(xq->hi + g * group + c), pack_i8(h[0], h[1], h[2], h[3]));
+            _mm256_storeu_si256((__m256i *)(xq->lo + g * group + c), pack_i8(l[0], l[1], l[2], l[3]));
+            int32_t s0 = hsum_i32(_mm256_add_epi32(a[0], a[1])), s1 = hsum_i32(_mm256_add_epi32(a[2], a[3]));
+            xq->sum16[(g * group + c) / 16] = s0;
+            xq->sum16[(g * group + c) / 16 + 1] = s1;
+            total = _mm256_add_epi32(total, _mm256_add_epi32(_mm256_add_epi32(a[0], a[1]), _mm256_add_epi32(a[2], a[3])));
         }
-        store_paired(hi + b * 32, hp[0], hp[1]);
-        store_paired(lo + b * 32, lp[0], lp[1]);
+        xq->scale[g] = s;
+        if (group == 32) {
+            int32_t sum = hsum_i32(total);
+            xq->sum[g] = s * (float)sum;
+            xq->minus8[8 * g] = -8 * sum;
+        }
     }
 }
 
-/* One output row (its blocks at `row`), one vector split by split_int16. 128-bit operations: this CPU
- * family splits 256-bit ones, and widening nibbles across 128-bit lanes cost more than the products.
- * A block's 16 bytes, read as eight 16-bit lanes, hold columns (2k, 2k + 16) in byte 2k and (2k + 1,
- * 2k + 17) in byte 2k + 1: masks and shifts give four vectors of columns in store_paired's order. */
-static inline float row_dot_int16(int64_t kind, const uint8_t *row, const int16_t *hi, const int16_t *lo,
-                                  const float *scale, const float *sums, int64_t nb) {
-    int64_t bytes = block_bytes(kind);
-    const __m128i nibble = _mm_set1_epi16(0x000f);
-    const __m128 frac = _mm_set1_ps(1.f / 32768.f);
-    __m128 acc0 = _mm_setzero_ps(), acc1 = _mm_setzero_ps();
+/* int32 lanes of sum w * (255 hi + lo) over 32 columns: w unsigned bytes, hi/lo the planes' bytes. */
+static inline __m256i dot32_u8(__m256i w, const int8_t *hi, const int8_t *lo) {
+    __m256i ph = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)hi));
+    __m256i pl = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)lo));
+    return _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(XQ_BASE)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)));
+}
+
+/* The same for signed weight bytes (Q8_0): |w| times x with w's sign. */
+static inline __m256i dot32_i8(__m256i w, const int8_t *hi, const int8_t *lo) {
+    __m256i aw = _mm256_sign_epi8(w, w);
+    __m256i ph = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)hi), w));
+    __m256i pl = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)lo), w));
+    return _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(XQ_BASE)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)));
+}
+
+/* Block b of a 32-wide kind times x: int32 lanes of q . a (Q4_0: (q - 8) . a). */
+static inline __m256i block_dot_legacy(int64_t kind, const uint8_t *qs, const gale_xq *xq, int64_t b) {
+    if (kind == GALE_Q8_0) return dot32_i8(_mm256_loadu_si256((const __m256i *)qs), xq->hi + 32 * b, xq->lo + 32 * b);
+    __m128i raw = _mm_loadu_si128((const __m128i *)qs); /* low nibbles: columns 0-15, high: 16-31 */
+    __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
+    __m256i p = dot32_u8(w, xq->hi + 32 * b, xq->lo + 32 * b);
+    return kind == GALE_Q4_0 ? _mm256_add_epi32(p, _mm256_loadu_si256((const __m256i *)(xq->minus8 + 8 * b))) : p;
+}
+
+/* One row of a 32-wide kind: sum_b d_b s_b (q . a)_b (+ m_b s_b sum(a)_b for Q4_1), two blocks a step. */
+static float row_dot_legacy(int64_t kind, const uint8_t *row, const gale_xq *xq, int64_t nb) {
+    const int64_t bytes = BLOCK_BYTES[kind];
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float off = 0.f;
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const uint8_t *b0 = row + b * bytes, *b1 = b0 + bytes;
+        __m256i p0 = block_dot_legacy(kind, block_qs(kind, b0), xq, b);
+        __m256i p1 = block_dot_legacy(kind, block_qs(kind, b1), xq, b + 1);
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(half_at(b0) * xq->scale[b]), _mm256_cvtepi32_ps(p0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(half_at(b1) * xq->scale[b + 1]), _mm256_cvtepi32_ps(p1), acc1);
+        if (kind == GALE_Q4_1) off += half_at(b0 + 2) * xq->sum[b] + half_at(b1 + 2) * xq->sum[b + 1];
+    }
+    for (; b < nb; b++) {
+        const uint8_t *b0 = row + b * bytes;
+        __m256i p0 = block_dot_legacy(kind, block_qs(kind, b0), xq, b);
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(half_at(b0) * xq->scale[b]), _mm256_cvtepi32_ps(p0), acc0);
+        if (kind == GALE_Q4_1) off += half_at(b0 + 2) * xq->sum[b];
+    }
+    return hsum(_mm256_add_ps(acc0, acc1)) + off;
+}
+
+/* int32 lanes of sum q * hi and of sum q * lo over 32 columns, each pair of int16 products weighted by the
+ * 16-bit scales in sc (one per 16 columns for Q6_K, or one per 32). */
+static inline void dot32_scaled(__m256i w, const int8_t *hi, const int8_t *lo, __m256i sc, __m256i *acc_h, __m256i *acc_l) {
+    __m256i ph = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)hi));
+    __m256i pl = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)lo));
+    *acc_h = _mm256_add_epi32(*acc_h, _mm256_madd_epi16(ph, sc));
+    *acc_l = _mm256_add_epi32(*acc_l, _mm256_madd_epi16(pl, sc));
+}
+
+/* One row of Q4_K / Q5_K: per super-block s * (d * sum_i sc_i (q . a)_i - dmin * sum_i m_i sum(a)_i).
+ * Integer sums stay within int32: |q . hi| <= 31 * 127 * 32 per sub-block, times sc <= 63, 8 sub-blocks;
+ * |sum(a)| <= 32 * 32512 per sub-block, times m <= 63.
+ * A sub-block's scale is broadcast from the super-block's 8 by one byte shuffle (as llama.cpp does). */
+static float row_dot_q45k(int64_t kind, const uint8_t *row, const gale_xq *xq, int64_t nb) {
+    const int64_t bytes = BLOCK_BYTES[kind];
+    const __m256i nibble = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+    __m256i pick[8];
+    for (int i = 0; i < 8; i++) pick[i] = _mm256_set1_epi16((short)(0x0100 * (2 * i + 1) + 2 * i));
+    __m256 acc = _mm256_setzero_ps(), acc_m = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * bytes, *qs = blk + (kind == GALE_Q5_K ? 48 : 16);
+        const int8_t *hi = xq->hi + 256 * b, *lo = xq->lo + 256 * b;
+        uint8_t sc[8], m[8];
+        k_scales_mins(blk + 4, sc, m);
+        __m128i sc8, m8;
+        memcpy(&sc8, sc, 8);
+        memcpy(&m8, m, 8);
+        __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc8));
+        __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
+        __m256i acc_h = _mm256_setzero_si256(), acc_l = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+            __m256i w0 = _mm256_and_si256(raw, nibble), w1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+            if (kind == GALE_Q5_K) {
+                w0 = _mm256_or_si256(w0, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one), 4));
+                w1 = _mm256_or_si256(w1, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one), 4));
+            }
+            dot32_scaled(w0, hi + 64 * j, lo + 64 * j, _mm256_shuffle_epi8(scales, pick[2 * j]), &acc_h, &acc_l);
+            dot32_scaled(w1, hi + 64 * j + 32, lo + 64 * j + 32, _mm256_shuffle_epi8(scales, pick[2 * j + 1]), &acc_h,
+                         &acc_l);
+        }
+        /* sum_i m_i sum(a)_i: the 32-column sums as int32 pairs of 16-column sums */
+        __m256i s32 = _mm256_loadu_si256((const __m256i *)(xq->sum16 + 16 * b)), s32b = _mm256_loadu_si256((const __m256i *)(xq->sum16 + 16 * b + 8));
+        __m256i mins = _mm256_cvtepu8_epi32(m8);
+        __m256i pairs = _mm256_permute4x64_epi64(_mm256_hadd_epi32(s32, s32b), 0xd8); /* sums of 32 columns 0..7 */
+        __m256i msum = _mm256_mullo_epi32(mins, pairs);
+        float s = xq->scale[b];
+        __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_h), _mm256_set1_ps((float)XQ_BASE), _mm256_cvtepi32_ps(acc_l));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_at(blk) * s), t, acc);
+        acc_m = _mm256_fmadd_ps(_mm256_set1_ps(half_at(blk + 2) * s), _mm256_cvtepi32_ps(msum), acc_m);
+    }
+    return hsum(_mm256_sub_ps(acc, acc_m));
+}
+
+/* One row of Q6_K: per super-block d * s * (sum_i sc_i (q . a)_i - 32 sum_i sc_i sum(a)_i), 16 scales of 16. */
+static float row_dot_q6k(const uint8_t *row, const gale_xq *xq, int64_t nb) {
+    const __m256i nibble = _mm256_set1_epi8(0x0f), two = _mm256_set1_epi8(3);
+    __m256i pick[4]; /* 16-bit lanes 0-7 <- scale 2 part, lanes 8-15 <- scale 2 part + 1 */
+    for (int p = 0; p < 4; p++)
+        pick[p] = _mm256_set_m128i(_mm_set1_epi16((short)(0x0100 * (4 * p + 3) + 4 * p + 2)),
+                                   _mm_set1_epi16((short)(0x0100 * (4 * p + 1) + 4 * p)));
+    __m256 acc = _mm256_setzero_ps();
     float off = 0.f;
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = row + b * bytes, *qs = block_qs(kind, blk);
-        float d = block_d(blk);
-        __m128i w[4];
-        if (kind == GALE_Q8_0) { /* sign-extend the low and high byte of each lane */
-            __m128i r0 = _mm_loadu_si128((const __m128i *)qs), r1 = _mm_loadu_si128((const __m128i *)(qs + 16));
-            w[0] = _mm_srai_epi16(_mm_slli_epi16(r0, 8), 8);
-            w[1] = _mm_srai_epi16(r0, 8);
-            w[2] = _mm_srai_epi16(_mm_slli_epi16(r1, 8), 8);
-            w[3] = _mm_srai_epi16(r1, 8);
-        } else {
-            __m128i raw = _mm_loadu_si128((const __m128i *)qs);
-            w[0] = _mm_and_si128(raw, nibble);
-            w[1] = _mm_and_si128(_mm_srli_epi16(raw, 8), nibble);
-            w[2] = _mm_and_si128(_mm_srli_epi16(raw, 4), nibble);
-            w[3] = _mm_srli_epi16(raw, 12);
-            off += block_m(kind, blk, d) * sums[b];
+        const uint8_t *blk = row + b * BLOCK_BYTES[GALE_Q6_K];
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        const int32_t *s16 = xq->sum16 + 16 * b;
+        __m128i sc_lo, sc_hi;
+        memcpy(&sc_lo, sc, 8);
+        memcpy(&sc_hi, sc + 8, 8);
+        __m256i scales[2] = {_mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(sc_lo)),
+                             _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(sc_hi))};
+        __m256i acc_h = _mm256_setzero_si256(), acc_l = _mm256_setzero_si256();
+        for (int half = 0; half < 2; half++) {
+            const uint8_t *ql = blk + 64 * half;
+            __m256i r0 = _mm256_loadu_si256((const __m256i *)ql), r1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * half));
+            __m256i low[4] = {_mm256_and_si256(r0, nibble), _mm256_and_si256(r1, nibble),
+                              _mm256_and_si256(_mm256_srli_epi16(r0, 4), nibble),
+                              _mm256_and_si256(_mm256_srli_epi16(r1, 4), nibble)};
+            for (int part = 0; part < 4; part++) {
+                __m256i top = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * part), two), 4);
+                __m256i scale = _mm256_shuffle_epi8(scales[half], pick[part]);
+                int64_t c = 128 * (int64_t)half + 32 * part;
+                dot32_scaled(_mm256_or_si256(low[part], top), xq->hi + 256 * b + c, xq->lo + 256 * b + c, scale,
+                             &acc_h, &acc_l);
+            }
         }
-        const __m128i *h = (const __m128i *)(hi + b * 32), *l = (const __m128i *)(lo + b * 32);
-        __m128i sh = _mm_add_epi32(_mm_add_epi32(_mm_madd_epi16(w[0], _mm_loadu_si128(h)), _mm_madd_epi16(w[1], _mm_loadu_si128(h + 1))),
-                                   _mm_add_epi32(_mm_madd_epi16(w[2], _mm_loadu_si128(h + 2)), _mm_madd_epi16(w[3], _mm_loadu_si128(h + 3))));
-        __m128i sl = _mm_add_epi32(_mm_add_epi32(_mm_madd_epi16(w[0], _mm_loadu_si128(l)), _mm_madd_epi16(w[1], _mm_loadu_si128(l + 1))),
-                                   _mm_add_epi32(_mm_madd_epi16(w[2], _mm_loadu_si128(l + 2)), _mm_madd_epi16(w[3], _mm_loadu_si128(l + 3))));
-        __m128 t = _mm_fmadd_ps(_mm_cvtepi32_ps(sl), frac, _mm_cvtepi32_ps(sh));
-        if (b & 1)
-            acc1 = _mm_fmadd_ps(_mm_set1_ps(d * scale[b]), t, acc1);
-        else
-            acc0 = _mm_fmadd_ps(_mm_set1_ps(d * scale[b]), t, acc0);
+        int32_t offset = 0;
+        for (int i = 0; i < 16; i++) offset += (int32_t)sc[i] * s16[i];
+        float ds = half_at(blk + 208) * xq->scale[b];
+        __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_h), _mm256_set1_ps((float)XQ_BASE), _mm256_cvtepi32_ps(acc_l));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(ds), t, acc);
+        off += ds * 32.f * (float)offset;
     }
-    __m128 s = _mm_add_ps(acc0, acc1);
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s))) + off;
+    return hsum(acc) - off;
+}
+
+static inline float row_dot_xq(int64_t kind, const uint8_t *row, const gale_xq *xq, int64_t nb) {
+    if (kind == GALE_Q6_K) return row_dot_q6k(row, xq, nb);
+    if (is_k(kind)) return row_dot_q45k(kind, row, xq, nb);
+    return row_dot_legacy(kind, row, xq, nb);
 }
 #endif
 
 /* One output row (its blocks at `row`) for N vectors, activations in fp32: each block is dequantized once
- * (d * q + m, the loaders' values) and multiplied into every vector. N is a compile-time constant at each
- * call (row_dot's switch), so the accumulators stay in registers. */
+ * (the loaders' values) and multiplied into every vector. N is a compile-time constant at each call
+ * (row_dot's switch), so the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void row_dot_n(int64_t kind, const uint8_t *row, const float *x,
                                                             int64_t nb, int64_t cols, const int N, float *out) {
-    int64_t bytes = block_bytes(kind);
+    const int64_t bytes = BLOCK_BYTES[kind];
 #ifdef GALE_AVX2
     __m256 w[4], acc[MAX_VECTORS];
+    float wk[256] __attribute__((aligned(32)));
     for (int v = 0; v < N; v++) acc[v] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = row + b * bytes, *qs = block_qs(kind, blk);
+        const uint8_t *blk = row + b * bytes;
+        if (is_k(kind)) {
+            block_weights(kind, blk, wk);
+            for (int64_t k = 0; k < 256; k += 8) {
+                __m256 wv = _mm256_load_ps(wk + k);
+                for (int v = 0; v < N; v++) acc[v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + v * cols + b * 256 + k), acc[v]);
+            }
+            continue;
+        }
+        const uint8_t *qs = block_qs(kind, blk);
         if (kind == GALE_Q8_0) unpack_q8((const int8_t *)qs, w); else unpack_q4(qs, w);
-        float d = block_d(blk);
+        float d = half_at(blk);
         __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(block_m(kind, blk, d));
         for (int k = 0; k < 4; k++) w[k] = _mm256_fmadd_ps(w[k], vd, vm);
         for (int k = 0; k < 4; k++)
@@ -284,13 +485,14 @@ static inline __attribute__((always_inline)) void row_dot_n(int64_t kind, const 
     }
     for (int v = 0; v < N; v++) out[v] = hsum(acc[v]);
 #else
-    float acc[MAX_VECTORS] = {0}, w[32];
+    float acc[MAX_VECTORS] = {0}, w[256];
+    const int64_t elems = BLOCK_ELEMS[kind];
     for (int64_t b = 0; b < nb; b++) {
         block_weights(kind, row + b * bytes, w);
         for (int v = 0; v < N; v++) {
-            const float *xb = x + v * cols + b * 32;
+            const float *xb = x + v * cols + b * elems;
             float s = 0.f;
-            for (int j = 0; j < 32; j++) s += w[j] * xb[j];
+            for (int64_t j = 0; j < elems; j++) s += w[j] * xb[j];
             acc[v] += s;
         }
     }
@@ -309,7 +511,7 @@ static void row_dot(int64_t kind, const uint8_t *row, const float *x, int64_t nb
 }
 
 
-/* One block matrix in GGUF records, rows = output features (kind: GALE_Q4_0/Q4_1/Q8_0). Mirrored by
+/* One block matrix in GGUF records, rows = output features (kind: GALE_Q4_0 .. GALE_Q6_K). Mirrored by
  * quant.py's _QMat. */
 typedef struct {
     int64_t kind;
@@ -317,9 +519,11 @@ typedef struct {
     int64_t rows, cols;
 } gale_qmat;
 
+static inline int64_t row_bytes(const gale_qmat *w) { return w->cols / BLOCK_ELEMS[w->kind] * BLOCK_BYTES[w->kind]; }
+
 /* y[v] = W x[v] for up to MAX_VECTORS vectors: each block is read once for all of them. */
 static void gemv_pass(const gale_qmat *w, const float *x, float *y, int64_t n, int threads) {
-    int64_t rows = w->rows, cols = w->cols, nb = cols / 32, stride = nb * block_bytes(w->kind);
+    int64_t rows = w->rows, cols = w->cols, nb = cols / BLOCK_ELEMS[w->kind], stride = row_bytes(w);
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * cols >= 65536)
     for (int64_t r = 0; r < rows; r++) {
         float out[MAX_VECTORS];
@@ -329,28 +533,37 @@ static void gemv_pass(const gale_qmat *w, const float *x, float *y, int64_t n, i
 }
 
 /* y[i] = x W[i]^T for `count` matrices of the same input width (q/k/v, or gate/up: one input), x [n, cols]
- * -> y[i] [n, rows_i]. One vector is split to int16 once for all of them and the matrices' rows run in one
- * parallel region without barriers between them; more vectors go in passes of MAX_VECTORS. */
+ * -> y[i] [n, rows_i]. One vector is quantized to int8 planes once for all of them (per 32 columns and/or
+ * per 256, as the kinds need) and the matrices' rows run in one parallel region without barriers between
+ * them; more vectors go in passes of MAX_VECTORS. */
 static void gemv_shared(const gale_qmat *const *ws, float *const *ys, int count, const float *x, int64_t n,
                         int threads) {
     int64_t cols = ws[0]->cols;
 #ifdef GALE_AVX2
     if (n == 1) {
-        int64_t nb = cols / 32, work = 0;
-        int16_t *hi = malloc(sizeof(int16_t) * cols), *lo = malloc(sizeof(int16_t) * cols);
-        float *scale = malloc(sizeof(float) * nb), *xs = malloc(sizeof(float) * nb);
-        split_int16(x, cols, hi, lo, scale, xs);
-        for (int i = 0; i < count; i++) work += ws[i]->rows * cols;
+        int64_t work = 0;
+        int need[2] = {0, 0}; /* 32-column groups, 256-column groups */
+        for (int i = 0; i < count; i++) {
+            work += ws[i]->rows * cols;
+            need[is_k(ws[i]->kind)] = 1;
+        }
+        gale_xq xq[2];
+        for (int g = 0; g < 2; g++)
+            if (need[g]) {
+                xq_alloc(&xq[g], cols);
+                xq_quantize(x, cols, g ? 256 : 32, &xq[g]);
+            }
 #pragma omp parallel num_threads(threads) if (work >= 65536)
         for (int i = 0; i < count; i++) {
             const gale_qmat *w = ws[i];
-            int64_t stride = nb * block_bytes(w->kind);
+            int64_t stride = row_bytes(w), nb = cols / BLOCK_ELEMS[w->kind];
+            const gale_xq *q = &xq[is_k(w->kind)];
             float *y = ys[i];
 #pragma omp for schedule(static) nowait
-            for (int64_t r = 0; r < w->rows; r++)
-                y[r] = row_dot_int16(w->kind, w->blocks + r * stride, hi, lo, scale, xs, nb);
+            for (int64_t r = 0; r < w->rows; r++) y[r] = row_dot_xq(w->kind, w->blocks + r * stride, q, nb);
         }
-        free(hi); free(lo); free(scale); free(xs);
+        for (int g = 0; g < 2; g++)
+            if (need[g]) xq_free(&xq[g]);
         return;
     }
 #endif
@@ -367,12 +580,12 @@ void gale_gemv(const gale_qmat *w, const float *x, float *y, int64_t n, int thre
 
 /* fp32 rows of W: all of them (index NULL, n = rows) or rows index[0..n) (embedding lookups). */
 void gale_dequant(const gale_qmat *w, const int64_t *index, int64_t n, float *out, int threads) {
-    int64_t cols = w->cols, nb = cols / 32, bytes = block_bytes(w->kind);
+    int64_t cols = w->cols, elems = BLOCK_ELEMS[w->kind], nb = cols / elems, bytes = BLOCK_BYTES[w->kind];
 #pragma omp parallel for schedule(static) num_threads(threads) if (n * cols >= 65536)
     for (int64_t i = 0; i < n; i++) {
         int64_t r = index ? index[i] : i;
         for (int64_t b = 0; b < nb; b++)
-            block_weights(w->kind, w->blocks + (r * nb + b) * bytes, out + i * cols + b * 32);
+            block_weights(w->kind, w->blocks + (r * nb + b) * bytes, out + i * cols + b * elems);
     }
 }
 
