@@ -31,10 +31,13 @@ DATA = Path(__file__).parent / "data" / "eval"
 class ByteTokenizer:
     """UTF-8 bytes as ids; BOS is 256."""
 
-    bos_id, eos_id, chat_template = 256, 257, None  # no template: chats use the Mistral format
+    bos_id, eos_id, chat_template, add_bos = 256, 257, None, True  # no template: chats use the Mistral format
 
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + list(text.encode())
+    def encode(self, text: str, bos: bool | None = None) -> list[int]:
+        return [self.bos_id] * (self.add_bos if bos is None else bos) + list(text.encode())
+
+    def id_to_piece(self, token_id: int) -> str:
+        return {256: "<s>", 257: "</s>"}.get(token_id, chr(token_id))
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode()
@@ -57,7 +60,8 @@ class FakeLM:
         if self.fail_after is not None and len(self.prompts) >= self.fail_after:
             raise RuntimeError("interrupted")
         self.prompts.append(list(prompts))
-        return [SimpleNamespace(text=self.answer(p, seed)) for p in prompts]
+        texts = [self.answer(p, seed) for p in prompts]
+        return [SimpleNamespace(text=t, token_ids=self.tokenizer.encode(t, bos=False)) for t in texts]
 
     def generate_ids(self, prompts, **sampling):
         self.stops = sampling.get("stop")

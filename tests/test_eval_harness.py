@@ -37,6 +37,10 @@ def test_rolling_and_generation_requests():
     model = harness_model()(lm)
     text = (DATA / "sample.txt").read_text()
     (rolling,) = model.loglikelihood_rolling([SimpleNamespace(args=(text,))], disable_tqdm=True)
+    # as lm-eval's hf: the text as the tokenizer encodes it (BOS included), read after the prefix token (BOS)
+    assert rolling == pytest.approx(direct_logprob(lm.model, [256], [256, *text.encode()]), rel=1e-4)
+    lm.tokenizer.add_bos = False
+    (rolling,) = model.loglikelihood_rolling([SimpleNamespace(args=(text,))], disable_tqdm=True)
     assert rolling == pytest.approx(direct_logprob(lm.model, [256], list(text.encode())), rel=1e-4)
     reqs = [SimpleNamespace(args=("a", {"until": ["\n"], "max_gen_toks": 5})),
             SimpleNamespace(args=("b", {"until": "x", "do_sample": True, "temperature": 0.5})),

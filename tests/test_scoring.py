@@ -99,10 +99,10 @@ def test_full_attention_uses_overlapping_windows():
     assert got[15:23] == pytest.approx(direct(m, ids[8:24])[-8:].tolist(), abs=1e-5)
 
 
-def test_bad_inputs():
+def test_bad_inputs_and_empty_continuations():
     m = model_for()
-    with pytest.raises(ValueError, match="empty"):
-        score_continuations(m, [([1], [])])
+    (empty, one) = score_continuations(m, [([1], []), ([1], [2])])  # nothing to score: 0, as lm-eval counts it
+    assert (empty.total, empty.greedy, empty.logprobs) == (0, True, []) and len(one.logprobs) == 1
     with pytest.raises(ValueError, match="context"):
         score_continuations(m, [([], [1])])
 

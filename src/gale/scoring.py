@@ -53,14 +53,17 @@ def score_continuations(
     max_batch_tokens: int = 4096,
     progress: bool = False,
     min_shared: int = MIN_SHARED,
+    max_len: int | None = None,
 ) -> list[Score]:
-    """Log-probability of each continuation given its context (context is truncated on the left to fit)."""
-    limit = model.args.max_seq_len
+    """Log-probability of each continuation given its context, which is truncated on the left to fit `max_len`
+    input positions (default the model's max_seq_len). An empty continuation scores 0 (lm-eval's convention)."""
+    limit = max_len or model.args.max_seq_len
     inputs: dict[tuple[int, ...], int] = {}  # distinct input sequence -> row
-    jobs = []  # (row, first target index within the input, targets)
+    jobs: list[tuple[int | None, int, list[int]]] = []  # (row, first target index in the input, targets)
     for ctx, cont in pairs:
         if not cont:
-            raise ValueError("a continuation is empty")
+            jobs.append((None, 0, []))
+            continue
         ids = (list(ctx) + list(cont))[-(limit + 1) :]
         if len(ids) < 2:
             raise ValueError("scoring needs at least one token of context (add BOS)")
@@ -73,7 +76,8 @@ def score_continuations(
     # Every position a job reads, per row, so logits are computed only where needed.
     wanted: dict[int, set[int]] = {}
     for row, start, targets in jobs:
-        wanted.setdefault(row, set()).update(range(start, start + len(targets)))
+        if row is not None:
+            wanted.setdefault(row, set()).update(range(start, start + len(targets)))
     logprob_rows: dict[int, dict[int, torch.Tensor]] = {}
 
     def run(rows: list[int], shared: int, cache: RollingCache | None) -> None:
@@ -114,7 +118,7 @@ def score_continuations(
 
     out = []
     for row, start, targets in jobs:
-        dists = [logprob_rows[row][start + j] for j in range(len(targets))]
+        dists = [logprob_rows[row][start + j] for j in range(len(targets))] if targets else []
         lps = [float(d[t]) for d, t in zip(dists, targets)]
         out.append(Score(lps, all(int(d.argmax()) == t for d, t in zip(dists, targets))))
     return out

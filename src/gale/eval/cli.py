@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed for maj@k")
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per scoring forward")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per generated program")
+    p.add_argument("--bos", choices=("model", "always", "never"), default="model",
+                   help="BOS before scored contexts: the tokenizer's own default, as lm-eval's hf model (model), or "
+                        "always (lm-eval's add_bos_token=True) or never")
     p.add_argument("--chat", action="store_true",
                    help="instruct models: ask HumanEval in the model's chat format (see README, evaluation)")
 
@@ -62,7 +65,8 @@ def run(a: argparse.Namespace, load: Callable[[argparse.Namespace], Any]) -> Non
     lm = load(a)
     print(f"gale eval: results and the resume cache go to {Path(a.output).resolve()}/ (--output)", file=sys.stderr)
     settings = Settings(model=Path(str(getattr(lm, "path", a.model or "model"))).name, temperature=a.temperature,
-                        seed=a.seed, max_batch_tokens=a.batch_tokens, timeout=a.timeout, chat=a.chat)
+                        seed=a.seed, max_batch_tokens=a.batch_tokens, timeout=a.timeout, chat=a.chat,
+                        bos={"model": None, "always": True, "never": False}[a.bos])
     report = run_eval(lm, a.tasks, data, output=a.output, fewshot=_pairs(a.fewshot, "--fewshot"),
                       shots=_pairs(a.shots, "--shots", int), samples=_pairs(a.samples, "--samples", int),
                       limit=a.limit, settings=settings)

@@ -27,11 +27,14 @@ from .tasks import Choice, Code, Generate, Request, Task, get_task, load_request
 
 
 class Tokenizer(Protocol):
-    bos_id: int
+    bos_id: int | None
     eos_id: int | None
+    add_bos: bool
     chat_template: str | None
 
-    def encode(self, text: str, bos: bool = ...) -> list[int]: ...
+    def encode(self, text: str, bos: bool | None = ...) -> list[int]: ...
+
+    def id_to_piece(self, token_id: int) -> str: ...
 
 
 class Completion(Protocol):
@@ -60,23 +63,43 @@ class Settings:
     timeout: float = 10.0  # seconds per program
     memory_mb: int = 2048  # address-space limit per program
     chat: bool = False  # tasks with a chat protocol (HumanEval) ask in the model's chat format
+    bos: bool | None = None  # BOS before scored contexts; None: the tokenizer's own default, as lm-eval's hf model
 
 
-def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of (BOS + context, continuation) such that together they tokenize like the joined text.
+def prefix_token(tokenizer: Tokenizer) -> int:
+    """What an empty context reads (lm-eval's prefix_token_id): BOS, or EOS for a vocabulary without one."""
+    token = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    if token is None:
+        raise ValueError("the tokenizer has neither BOS nor EOS to stand for an empty context")
+    return token
 
-    Trailing spaces move from the context into the continuation (SentencePiece attaches a space to the
-    word after it), and the continuation is cut from the joint encoding when the context's tokens
-    are its prefix, so scores see the tokens the model would have read.
+
+def encode_text(tokenizer: Tokenizer, text: str, bos: bool | None = None) -> list[int]:
+    """`text`'s ids as lm-eval's hf model encodes them: BOS per `bos` (None: the tokenizer's default), never a
+    second one when the text spells BOS out itself."""
+    if tokenizer.bos_id is not None and text.startswith(tokenizer.id_to_piece(tokenizer.bos_id)):
+        bos = False
+    return tokenizer.encode(text, bos=tokenizer.add_bos if bos is None else bos)
+
+
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str,
+                bos: bool | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation) exactly as lm-evaluation-harness's hf model makes them.
+
+    Trailing whitespace moves from the context into the continuation (SentencePiece attaches a space to the
+    word after it); the continuation is the joint encoding after the context's tokens, so scores see the tokens
+    the model would have read; an empty context is the prefix token (BOS, else EOS) unless the continuation
+    starts with it. BOS per `bos` (None: the tokenizer's default: Mistral adds one, SmolLM2 none).
     """
-    n = len(context) - len(context.rstrip(" "))
+    if not context:
+        cont = tokenizer.encode(continuation, bos=False)
+        prefix = prefix_token(tokenizer)
+        return ([prefix], cont) if cont[:1] != [prefix] else (cont[:1], cont[1:])
+    n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
-    ctx = tokenizer.encode(context, bos=False) if context else []
-    whole = tokenizer.encode(context + continuation, bos=False)
-    cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx and len(whole) > len(ctx) else \
-        tokenizer.encode(continuation, bos=False)
-    return [tokenizer.bos_id, *ctx], cont
+    ctx = encode_text(tokenizer, context, bos)
+    return ctx, encode_text(tokenizer, context + continuation, bos)[len(ctx):]
 
 
 class ResultCache:
@@ -107,7 +130,7 @@ def item_key(task: Task, index: int, request: Request, settings: Settings, shots
 
 
 def _score_choices(lm: LM, reqs: list[Choice], settings: Settings) -> list[dict]:
-    pairs = [encode_pair(lm.tokenizer, c, x) for r in reqs for c, x in r.options]
+    pairs = [encode_pair(lm.tokenizer, c, x, settings.bos) for r in reqs for c, x in r.options]
     scores = iter(score_continuations(lm.model, pairs, max_batch_tokens=settings.max_batch_tokens))
     out = []
     for r in reqs:
