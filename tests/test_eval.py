@@ -96,9 +96,11 @@ def test_exact_match_normalisation():
 def test_gsm8k_extraction():
     assert extract_gsm8k("She has 3 + 4 = 7 apples.\n#### 7") == "7"
     assert extract_gsm8k("So 2 * 1,000 = 2,000.\nThe answer is $2,000.") == "2000"
-    assert extract_gsm8k("It costs 12.50 then 3.0") == "3"
+    assert extract_gsm8k("It costs 12.50 then 3.0") == "3.0"  # compared as text, as lm-eval does
     assert extract_gsm8k("#### 0.5") == "0.5"
     assert extract_gsm8k("no digits here") is None
+    assert extract_gsm8k("#### 72 (that is 8 packs of 9)") == "72"  # the '#### N' number, not the line's last
+    assert extract_gsm8k("#### 123,456,789,012,345,678,901") == "123456789012345678901"  # no float on the way
 
 
 def test_math_extraction_and_normalisation():
@@ -113,6 +115,9 @@ def test_math_extraction_and_normalisation():
     assert normalize_math("x = 3/4") == r"\frac{3}{4}"
     assert normalize_math(r"\frac12") == r"\frac{1}{2}" == normalize_math("0.5")
     assert normalize_math(r"5\text{ cm}") == "5"
+    assert normalize_math(r"5\text{ apples}") == "5" != normalize_math(r"5\text{apples}")  # Hendrycks' unit rule
+    assert normalize_math(r"\sqrt3") == r"\sqrt{3}" == normalize_math(r"\sqrt{3}")
+    assert last_boxed(r"\boxed 5 so {x}") == "5 so {x}"  # '\boxed ' up to '$', as Hendrycks' code reads it
 
 
 def test_majority_vote():

@@ -46,81 +46,137 @@ def choice_metrics(totals: Sequence[float], continuations: Sequence[str], label:
     return {"acc": float(argmax(totals) == label), "acc_norm": float(argmax(norm) == label)}
 
 
-# -- numbers (GSM8K) ------------------------------------------------------------------------------------------
-_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+# -- numbers (GSM8K): lm-eval's gsm8k.yaml filters and exact_match settings ---------------------------------
+_GSM8K_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")  # "strict-match": the first '#### N'
+_GSM8K_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")  # "flexible-extract": the last number-like run
+_GSM8K_IGNORE = (",", "\\$", "(?s).*#### ", "\\.$")  # exact_match's regexes_to_ignore (then ignore_case)
 
 
-def normalize_number(text: str) -> str | None:
-    """'1,234.50' -> '1234.5', '$7.' -> '7', '3.0' -> '3'; None when there is no number."""
-    found = _NUMBER.findall(text.replace("$", ""))
-    if not found:
-        return None
-    s = found[-1].replace(",", "")
-    try:
-        value = float(s)
-    except ValueError:
-        return None
-    return str(int(value)) if value.is_integer() else repr(value)
+def normalize_gsm8k(text: str) -> str:
+    """lm-eval's exact_match on GSM8K: commas, dollars, everything up to '#### ', a final '.' removed; lowercase.
+    Applied to a gold answer it leaves the final number ('... #### 1,000' -> '1000'); numbers stay strings."""
+    for pattern in _GSM8K_IGNORE:
+        text = re.sub(pattern, "", text)
+    return text.lower()
+
+
+def gsm8k_strict(output: str) -> str | None:
+    """lm-eval's strict-match filter: the number of the first '#### N' (None for its '[invalid]')."""
+    found = _GSM8K_STRICT.findall(output)
+    return found[0].strip() if found else None
+
+
+def gsm8k_flexible(output: str) -> str | None:
+    """lm-eval's flexible-extract filter: the last number-like run in the output."""
+    found = _GSM8K_FLEXIBLE.findall(output)
+    return next((g for g in found[-1] if g), "").strip() or None if found else None
 
 
 def extract_gsm8k(output: str) -> str | None:
-    """The model's final number: after '####' or 'The answer is' when present, else the last number."""
-    for marker in ("####", "The answer is", "the answer is"):
-        if marker in output:
-            tail = output.rsplit(marker, 1)[1]
-            if (n := normalize_number(tail.split("\n")[0])) is not None:
-                return n
-    return normalize_number(output)
+    """The model's final answer, normalised as lm-eval compares it: strict-match ('#### N'), else flexible-extract."""
+    found = gsm8k_strict(output)
+    found = gsm8k_flexible(output) if found is None else found
+    return None if found is None else normalize_gsm8k(found)
 
 
-# -- LaTeX (MATH) ---------------------------------------------------------------------------------------------
+# -- LaTeX (MATH): Hendrycks et al.'s math_equivalence, as lm-eval's hendrycks_math/utils.py ports it -------------
 def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}) with balanced braces; also '\\boxed 5'."""
-    i = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    """Content of the last \\boxed{...} (else \\fbox{...}) with balanced braces, or of '\\boxed 5' up to '$'
+    (Hendrycks' last_boxed_only_string + remove_boxed; a '\\boxed ' anywhere wins, as there; remove_boxed
+    refuses \\fbox, whose content is returned here)."""
+    if "\\boxed " in text:
+        return text.split("\\boxed ")[-1].split("$")[0]
+    i = text.rfind("\\boxed")
+    i = text.rfind("\\fbox") if i < 0 else i
     if i < 0:
         return None
-    rest = text[i:].split("{", 1)
-    if text[i:].startswith("\\boxed ") and (len(rest) == 1 or "$" in rest[0]):
-        return text[i + 7 :].split("$")[0].strip()
-    if len(rest) == 1:
-        return None
-    depth, body = 1, rest[1]
-    for j, ch in enumerate(body):
-        depth += {"{": 1, "}": -1}.get(ch, 0)
-        if depth == 0:
-            return body[:j]
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if text[j] == "}" and depth == 0:
+            whole = text[i:j + 1]
+            opening = next((o for o in ("\\boxed{", "\\fbox{") if whole.startswith(o)), None)
+            return None if opening is None else whole[len(opening):-1]
     return None
 
 
-_UNITS = re.compile(r"\\(?:text|mbox|mathrm)\{\s*(?:units?|cm|m|km|inches|inch|feet|ft|degrees?|cents?|dollars?)\s*\}")
-
-
 def _fix_fracs(s: str) -> str:
-    # \frac12 -> \frac{1}{2}, \frac1{72} -> \frac{1}{72}
-    return re.sub(r"\\frac(?!\{)(\w)(\w|\{[^}]*\})?", lambda m: f"\\frac{{{m[1]}}}{{{(m[2] or '').strip('{}')}}}", s)
+    """\\frac12 -> \\frac{1}{2}, \\frac1{72} -> \\frac{1}{72} (Hendrycks' fix_fracs; a lone trailing character
+    after \\frac leaves the string as it was)."""
+    head, *parts = s.split("\\frac")
+    out = head
+    for part in parts:
+        out += "\\frac"
+        if part[0] == "{":  # IndexError on a bare trailing \\frac, as in the reference
+            out += part
+        elif len(part) < 2:
+            return s
+        elif part[1] != "{":
+            out += "{" + part[0] + "}{" + part[1] + "}" + part[2:]
+        else:
+            out += "{" + part[0] + "}" + part[1:]
+    return out
+
+
+def _fix_a_slash_b(s: str) -> str:
+    """'3/4' -> \\frac{3}{4} for plain integers only (Hendrycks' fix_a_slash_b; other a/b raise, see normalize_math)."""
+    if len(s.split("/")) != 2:
+        return s
+    a, b = (int(x) for x in s.split("/"))  # ValueError for non-integers, as in the reference
+    return "\\frac{" + str(a) + "}{" + str(b) + "}" if s == f"{a}/{b}" else s
+
+
+def _remove_right_units(s: str) -> str:
+    """'5\\text{ apples}' -> '5': a '\\text{ ' (with its space) only ever describes units in MATH."""
+    if "\\text{ " in s:
+        left, *rest = s.split("\\text{ ")
+        if len(rest) != 1:
+            raise ValueError("two unit texts")  # the reference asserts
+        return left
+    return s
+
+
+def _fix_sqrt(s: str) -> str:
+    """\\sqrt3 -> \\sqrt{3}."""
+    head, *parts = s.split("\\sqrt")
+    return head + "".join("\\sqrt" + (p if p[0] == "{" else "{" + p[0] + "}" + p[1:]) for p in parts)
+
+
+def strip_string(s: str) -> str:
+    """Hendrycks' _strip_string: spacing, \\left/\\right, dfrac/tfrac, degrees, dollars, units, percent, leading
+    zeros of decimals, short 'k =' prefixes, \\sqrt3, \\frac12, 0.5 and a/b as fractions. May raise, as there."""
+    s = s.replace("\n", "").replace("\\!", "").replace("\\\\", "\\").replace("tfrac", "frac")
+    s = s.replace("dfrac", "frac").replace("\\left", "").replace("\\right", "")
+    s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "")
+    s = _remove_right_units(s).replace("\\%", "")
+    s = s.replace(" .", " 0.").replace("{.", "{0.")
+    if not s:
+        return s
+    if s[0] == ".":
+        s = "0" + s
+    if len(s.split("=")) == 2 and len(s.split("=")[0]) <= 2:
+        s = s.split("=")[1]
+    s = _fix_fracs(_fix_sqrt(s).replace(" ", ""))
+    return _fix_a_slash_b("\\frac{1}{2}" if s == "0.5" else s)
 
 
 def normalize_math(answer: str) -> str:
-    """Hendrycks et al.'s MATH answer normalisation (strip_string): spacing, \\left/\\right, dfrac, units,
-    degrees, dollars, leading zeros of decimals, 'x =' prefixes, a/b -> \\frac{a}{b}."""
-    s = answer.strip().replace("\n", "").replace("\\!", "")
-    s = s.replace("\\\\", "\\").replace("tfrac", "frac").replace("dfrac", "frac")
-    s = s.replace("\\left", "").replace("\\right", "")
-    s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "").replace("$", "")
-    s = _UNITS.sub("", s)
-    s = re.sub(r"\\text\{\s*([^}]*)\}", r"\1", s)
-    s = s.replace("\\%", "").replace("%", "")
-    s = s.replace(" .", " 0.").replace("{.", "{0.")
-    if s.startswith("."):
-        s = "0" + s
-    if re.fullmatch(r"\s*[a-zA-Z]\s*=.*", s):
-        s = s.split("=", 1)[1]
-    s = _fix_fracs(s).replace(" ", "")
-    if s == "0.5":
-        s = "\\frac{1}{2}"
-    if m := re.fullmatch(r"(-?\d+)/(\d+)", s):
-        s = f"\\frac{{{m[1]}}}{{{m[2]}}}"
-    return s.rstrip(".")
+    """The form two MATH answers are compared in: strip_string, or the answer itself where strip_string fails
+    (Hendrycks' is_equiv then compares the raw strings)."""
+    try:
+        return strip_string(answer)
+    except (ValueError, IndexError, AssertionError):
+        return answer
+
+
+def is_equiv(a: str | None, b: str | None) -> bool:
+    """Hendrycks' is_equiv: equal after strip_string (raw equality when either fails to normalise)."""
+    if a is None or b is None:
+        return a is None and b is None
+    try:
+        return strip_string(a) == strip_string(b)
+    except (ValueError, IndexError, AssertionError):
+        return a == b
 
 
 _FINAL = re.compile(r"final answer is\s*(.+?)\s*(?:\.\s|\.?$|\n)", re.IGNORECASE | re.MULTILINE)

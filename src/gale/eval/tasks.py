@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .data import DataError, Record, load_records
-from .metrics import exact_match, extract_gsm8k, extract_math, last_boxed, normalize_math, normalize_number
+from .metrics import exact_match, extract_gsm8k, extract_math, gsm8k_strict, last_boxed, normalize_gsm8k, normalize_math
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -180,11 +180,10 @@ def _qa_header(rec: Record) -> str:
 
 
 def _gsm8k(rec: Record) -> Generate:
-    gold = rec["answer"].rsplit("####", 1)
-    if len(gold) != 2 or normalize_number(gold[1]) is None:
+    if gsm8k_strict(rec["answer"]) is None:
         raise ValueError("answer has no '#### N' final line")
     return Generate(f"Question: {rec['question'].strip()}\nAnswer:", " " + rec["answer"].strip(),
-                    (normalize_number(gold[1]),))
+                    (normalize_gsm8k(rec["answer"]),))  # lm-eval's target: all of it, normalised to its number
 
 
 def _math(rec: Record) -> Generate:
