@@ -144,3 +144,17 @@ def test_the_extreme_accepted_values_compute(model):
                 SamplingParams(max_tokens=10**30, temperature=0.5, seed=0, stop=["x" * 256] * 16)]
     out = eng.generate([PROMPTS[0]] * 3, extremes)
     assert [o.finish_reason for o in out[:2]] == ["length", "length"] and out[2].finish_reason in ("stop", "length")
+
+
+def test_the_decode_hook_is_called_only_within_its_invariant(model):
+    m = Transformer(ARGS).eval()
+    m.load_state_dict(model.state_dict())
+    calls = []
+    m.decode_kernel = lambda h, meta, cache: calls.append(meta.decode)  # declines (None): the layers run
+    out = engine(m).generate([PROMPTS[0]], [GREEDY])[0]
+    assert calls and all(calls) and out.token_ids == reference_greedy(model, PROMPTS[0], 6)
+    cache = engine(m).cache
+    cache.prepare([0], [3])
+    cache.capacity = ARGS.sliding_window + 1  # a buffer longer than the window: the kernel would see too much
+    with pytest.raises(AssertionError, match="window"):
+        m(torch.tensor([5]), cache.prepare([0], [1]), cache)
