@@ -18,6 +18,7 @@ from ..chat import encode_chat, validate_messages
 from ..llm import LLM
 from ..sampling import ParamError, SamplingParams, TokenLogprob
 from ..scoring import prompt_logprobs
+from ..tokenizer import Tokenizer
 from . import responses as fmt
 from .responses import APIError
 from .runner import EngineDead, EngineRunner, Handle, Overloaded, Update
@@ -35,7 +36,7 @@ class ServerState:
     draining: bool = False  # a shutdown began: new requests get 503, running ones finish
 
     @property
-    def tok(self):  # noqa: ANN201 - the LLM's tokenizer
+    def tok(self) -> Tokenizer:
         return self.llm.tokenizer
 
 
@@ -251,13 +252,15 @@ def submit(st: ServerState, prompts: list[list[int]], req: _Request, default_max
                 raise APIError(400, str(e), param) from None
             for i in range(req.n):
                 handles.append(st.runner.submit(p, sampling(st, req, len(p), default_max, logprobs, i)))
-    except (APIError, Overloaded, EngineDead) as e:
+    except (APIError, ValueError, Overloaded, EngineDead) as e:
         for h in handles:
             st.runner.cancel(h)
         if isinstance(e, Overloaded):
             raise APIError(429, str(e), kind="server_overloaded") from None
         if isinstance(e, EngineDead):
             raise APIError(503, str(e), kind="service_unavailable") from None
+        if isinstance(e, ValueError):
+            raise APIError(400, str(e), param) from None
         raise
     return handles
 
