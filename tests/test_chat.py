@@ -26,6 +26,12 @@ CONVERSATIONS = [
     _m("user:   padded  \n", "assistant:  spaced answer \n", "user: [INST] tricky </s> text"),
     _m("system: Sys", "user: Q", "assistant: A"),  # ending with an answer: a training example
 ]
+MERGED = [  # consecutive messages of one role, merged as mistral-common's normalizer merges them
+    _m("user: a", "user: b"),
+    _m("system: S", "user: a", "user: ", "user: c", "assistant: x", "assistant: y", "user: d"),
+    _m("system: ", "user: a "),  # an empty system prompt is dropped
+    _m("user: one", "assistant: two", "user: three", "assistant: four"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +52,8 @@ def reference():
     ref = MistralTokenizer.from_file(str(MISTRAL_V1), mode=ValidationMode.agnostic)  # a last answer is allowed
     kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
 
-    def encode(messages):
-        request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in messages])
+    def encode(messages, **kw):
+        request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in messages], **kw)
         return ref.encode_chat_completion(request).tokens
 
     return encode
@@ -64,9 +70,21 @@ def smol():
     return load_tokenizer(path), TokenizersBackend.from_pretrained(path.parent, gguf_file=path.name)
 
 
-@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("messages", CONVERSATIONS + MERGED)
 def test_mistral_format_matches_mistral_common(mistral, reference, messages):
-    assert encode_chat(mistral, messages) == reference(messages)
+    if messages[-1]["role"] == "user":
+        assert encode_chat(mistral, messages) == reference(messages)
+        return
+    with pytest.raises(ValueError, match="ends the conversation"):  # mistral-common's test mode refuses it too
+        encode_chat(mistral, messages)
+    assert encode_chat(mistral, messages, add_generation_prompt=False) == reference(messages)  # training: </s>
+    continued = encode_chat(mistral, messages, continue_final=True)
+    assert continued == reference(messages, continue_final_message=True) and continued[-1] != mistral.eos_id
+
+
+def test_continue_final_needs_an_answer_last(mistral):
+    with pytest.raises(ValueError, match="continue_final needs"):
+        encode_chat(mistral, _m("user: a"), continue_final=True)
 
 
 def test_mistral_system_prompt_joins_the_first_user_message(mistral):
@@ -74,11 +92,18 @@ def test_mistral_system_prompt_joins_the_first_user_message(mistral):
     assert text == "[INST] SYS\n\none [/INST] two [INST] three [/INST]"  # decode spells </s> as a space
 
 
-@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("messages", CONVERSATIONS + MERGED)
 def test_mistral_safe_mode_is_a_leading_guardrail_system_prompt(mistral, reference, messages):
     expected = reference([{"role": "system", "content": GUARDRAIL_PROMPT}, *messages])
-    assert encode_chat(mistral, messages, safe=True) == expected
+    assert encode_chat(mistral, messages, safe=True, add_generation_prompt=False) == expected
     assert mistral.decode(expected).startswith(f"[INST] {GUARDRAIL_PROMPT}\n\n")
+    assert "\n\n\n" not in mistral.decode(expected)
+
+
+def test_safe_with_an_empty_system_prompt_adds_two_newlines(mistral, reference):
+    ids = encode_chat(mistral, _m("system: ", "user: hi"), safe=True)
+    assert mistral.decode(ids) == f"[INST] {GUARDRAIL_PROMPT}\n\nhi [/INST]"
+    assert ids == reference(_m(f"system: {GUARDRAIL_PROMPT}", "user: hi"))
 
 
 @pytest.mark.parametrize("messages, error", [
@@ -91,7 +116,7 @@ def test_mistral_safe_mode_is_a_leading_guardrail_system_prompt(mistral, referen
     (_m("system: s"), "only system messages"),
     (_m("user: a", "system: s"), "message 1 is a system message"),
     (_m("assistant: a"), "message 0 has role 'assistant' but 'user'"),
-    (_m("system: s", "user: a", "user: b"), "message 2 has role 'user' but 'assistant'"),
+    (_m("system: s", "assistant: a", "user: b"), "message 1 has role 'assistant' but 'user'"),
     (_m("user: a", "assistant: "), "message 1 (assistant) has empty content"),
 ])
 def test_validate_messages_names_the_problem(messages, error):
@@ -169,3 +194,12 @@ def test_template_raise_exception_is_a_value_error(mistral):
             encode_chat(mistral, _m("user: a"))
     finally:
         mistral.chat_template = None
+
+
+@pytest.mark.parametrize("messages", [m for m in CONVERSATIONS + MERGED if m[-1]["role"] == "assistant"])
+def test_template_continue_final_matches_transformers(smol, messages):
+    tok, ref = smol
+    expected = ref.apply_chat_template(messages, continue_final_message=True, add_generation_prompt=False,
+                                       tokenize=True)["input_ids"]
+    assert encode_chat(tok, messages, continue_final=True) == expected
+    assert tok.decode(expected).endswith(messages[-1]["content"].rstrip())

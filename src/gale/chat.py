@@ -8,12 +8,14 @@ format is built exactly as mistral-common builds it:
 
 where each `[INST] ... [/INST]` string and each answer is encoded on its own (so an answer starts with its
 dummy-prefix space), and the system prompt joins the *first* user message (mistral-common's v1 choice;
-its v2/v3 formats put it in the last one instead).
+its v2/v3 formats put it in the last one instead). As mistral-common's normalizer does, consecutive messages of
+one role are merged (non-empty contents joined by "\\n\\n"), and a conversation that ends with an answer is
+refused as a prompt unless it is to be continued (`continue_final`: the answer's tokens without `</s>`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import cache
 from typing import Any
@@ -32,8 +34,8 @@ Messages = Sequence[dict[str, Any]]
 def validate_messages(messages: Messages, *, alternate: bool = True) -> None:
     """Raise ValueError naming the first bad message: roles, string contents, system messages only first.
 
-    With `alternate` (the Mistral format, which mistral-common's v1 tokenizer requires in effect) the messages
-    after the system ones must go user, assistant, user, ... starting with a user message.
+    With `alternate` (the Mistral format) the conversation after the system messages must start with a user
+    message and no answer may be empty (mistral-common's rules); consecutive messages of one role are merged.
     """
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
@@ -48,27 +50,35 @@ def validate_messages(messages: Messages, *, alternate: bool = True) -> None:
             raise ValueError(f"message {i} ({m['role']}) content must be a string, got {type(m.get('content'))}")
         if m["role"] == "system" and i >= n_system:
             raise ValueError(f"message {i} is a system message after the conversation started; put it first")
-        if alternate and i >= n_system:
-            expected = ("user", "assistant")[(i - n_system) % 2]
-            if m["role"] != expected:
-                raise ValueError(f"message {i} has role {m['role']!r} but {expected!r} was expected: after the "
-                                 "system messages, user and assistant must alternate, starting with user")
-            if expected == "assistant" and not m["content"]:
-                raise ValueError(f"message {i} (assistant) has empty content")
+        if alternate and i == n_system and m["role"] != "user":
+            raise ValueError(f"message {i} has role {m['role']!r} but 'user' was expected: after the system "
+                             "messages, the conversation starts with a user message")
+        if alternate and m["role"] == "assistant" and not m["content"]:
+            raise ValueError(f"message {i} (assistant) has empty content")
     if n_system == len(messages):
         raise ValueError("messages has only system messages; add a user message")
 
 
-def encode_chat(tok: Tokenizer, messages: Messages, *, safe: bool = False,
-                add_generation_prompt: bool = True) -> list[int]:
+def encode_chat(tok: Tokenizer, messages: Messages, *, safe: bool = False, add_generation_prompt: bool = True,
+                continue_final: bool = False) -> list[int]:
     """Token ids of a conversation in the model's chat format, ready for generation (or training).
 
     `safe` prepends GUARDRAIL_PROMPT as a system prompt, as Mistral's API `safe_prompt` does (mistral-common has
-    no such option); a system prompt of the caller's follows it after "\\n\\n", which is how mistral-common joins
-    several system messages. `add_generation_prompt` only matters to templates: the Mistral format always ends
-    ready for the answer after a user message.
+    no such option); a non-empty system prompt of the caller's follows it after "\\n\\n", which is how
+    mistral-common joins several system messages. `add_generation_prompt=False` encodes a whole conversation (a
+    training example: a last answer ends with `</s>`); `continue_final` makes the prompt continue the last
+    message, an answer (mistral-common's and transformers' continue_final_message). In the Mistral format a
+    conversation ending with an answer is otherwise refused as a prompt, as mistral-common refuses it.
     """
     validate_messages(messages, alternate=tok.chat_template is None)
+    if continue_final and messages[-1]["role"] != "assistant":
+        raise ValueError("continue_final needs the last message to be an assistant's answer to continue")
+    if tok.chat_template is None and add_generation_prompt and not continue_final and \
+            messages[-1]["role"] == "assistant":
+        raise ValueError(f"message {len(messages) - 1} (assistant) ends the conversation: a prompt ends with a user "
+                         "message, or asks to continue the answer (continue_final)")
+    if continue_final:
+        return _encode_continued(tok, messages, safe)
     return _encode(tok, messages, safe, add_generation_prompt)
 
 
@@ -101,16 +111,36 @@ def _encode(tok: Tokenizer, messages: Messages, safe: bool, add_generation_promp
         messages = _with_guardrail(messages)
     if tok.chat_template is None:
         return _encode_mistral(tok, messages)
-    text = _template(tok.chat_template).render(
+    return tok.encode(_render(tok, messages, add_generation_prompt), bos=False)  # templates write BOS themselves
+
+
+def _encode_continued(tok: Tokenizer, messages: Messages, safe: bool) -> list[int]:
+    """A prompt that continues the last message (an answer): without `</s>` in the Mistral format; for templates
+    as transformers does it, rendering the whole conversation and cutting right after that message's text."""
+    if tok.chat_template is None:
+        ids = _encode(tok, messages, safe, False)
+        return ids[:-1] if tok.eos_id is not None and ids[-1:] == [tok.eos_id] else ids
+    tag = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker, so templates that trim text trim it the same way
+    tagged = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + tag}]
+    text = _render(tok, _with_guardrail(tagged) if safe else tagged, False)
+    if messages[-1]["content"].strip() not in text or tag.strip() not in text:
+        raise ValueError("continue_final: the chat template drops part of the last message, so it cannot be continued")
+    at = text.rindex(tag.strip())
+    return tok.encode(text[:at] if text[at:at + len(tag)] == tag else text[:at].rstrip(), bos=False)
+
+
+def _render(tok: Tokenizer, messages: Messages, add_generation_prompt: bool) -> str:
+    return _template(tok.chat_template).render(
         messages=list(messages), add_generation_prompt=add_generation_prompt,
         bos_token="" if tok.bos_id is None else tok.id_to_piece(tok.bos_id),
         eos_token="" if tok.eos_id is None else tok.id_to_piece(tok.eos_id))
-    return tok.encode(text, bos=False)  # templates write BOS themselves, as transformers assumes
 
 
 def _with_guardrail(messages: Messages) -> list[dict[str, Any]]:
+    """The guardrail as the system prompt, before the caller's (dropped when empty, as mistral-common does)."""
     if messages and messages[0]["role"] == "system":
-        return [{**messages[0], "content": f"{GUARDRAIL_PROMPT}\n\n{messages[0]['content']}"}, *messages[1:]]
+        content = "\n\n".join(c for c in (GUARDRAIL_PROMPT, messages[0]["content"]) if c)
+        return [{**messages[0], "content": content}, *messages[1:]]
     return [{"role": "system", "content": GUARDRAIL_PROMPT}, *messages]
 
 
@@ -118,15 +148,23 @@ def _encode_mistral(tok: Tokenizer, messages: Messages) -> list[int]:
     """Mistral-Instruct v1, as mistral-common's InstructTokenizerV1 (empty system prompts are dropped, as there)."""
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
     ids = [] if tok.bos_id is None else [tok.bos_id]
-    first = True
-    for m in messages:
-        if m["role"] == "user":
-            content = f"{system}\n\n{m['content']}" if first and system else m["content"]
+    for i, (role, content) in enumerate(_merged(m for m in messages if m["role"] != "system")):
+        if role == "user":
+            content = f"{system}\n\n{content}" if i == 0 and system else content
             ids += tok.encode(f"[INST] {content} [/INST]", bos=False)
-            first = False
-        elif m["role"] == "assistant":
-            ids += tok.encode(m["content"], bos=False) + ([] if tok.eos_id is None else [tok.eos_id])
+        else:
+            ids += tok.encode(content, bos=False) + ([] if tok.eos_id is None else [tok.eos_id])
     return ids
+
+
+def _merged(messages: Iterable[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(role, content) with consecutive messages of one role merged: non-empty contents joined by "\\n\\n"."""
+    out: list[tuple[str, list[str]]] = []
+    for m in messages:
+        if not out or out[-1][0] != m["role"]:
+            out.append((m["role"], []))
+        out[-1][1].append(m["content"])
+    return [(role, "\n\n".join(c for c in contents if c)) for role, contents in out]
 
 
 def _raise(message: str) -> None:
