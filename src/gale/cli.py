@@ -477,8 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_moderate)
 
     p = sub.add_parser("quantize", help="write any checkpoint as a GGUF llama.cpp loads: IN OUT.gguf --type Q4_K_M")
-    p.add_argument("input", metavar="IN", help=HELP_MODEL)
-    p.add_argument("output", metavar="OUT.gguf")
+    p.add_argument("input", metavar="IN", help="a Mistral folder, a Hugging Face folder or a .gguf file")
+    p.add_argument("output", metavar="OUT.gguf", help="the GGUF to write (replaced only once complete)")
     p.add_argument("--type", default="Q4_K_M", help="Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q4_0 (llama.cpp's mixes), ...")
     p.set_defaults(func=cmd_quantize)
 
