@@ -137,53 +137,79 @@ static void q5_1(const float *x, uint8_t *y, int64_t nb) {
 
 // ---- 256-weight super-blocks (K-quants) --------------------------------------------------------------
 
-// Scale and offset of n weights on levels 0..nmax that minimise the weighted squared error: a search over
-// nstep+1 candidate scales around (max - min) / nmax, each refined by weighted least squares.
-// Returns the scale; *the_min is minus the offset (>= 0).
-static float make_qkx2_quants(int n, int nmax, const float *x, const float *weights, uint8_t *L, float *the_min,
-                              uint8_t *Laux, float rmin, float rdelta, int nstep) {
-    float min = x[0], max = x[0], sum_w = weights[0], sum_x = sum_w * x[0];
-    for (int i = 1; i < n; ++i) {
-        min = MIN(min, x[i]); max = MAX(max, x[i]);
-        sum_w += weights[i]; sum_x += weights[i] * x[i];
+// Scale and offset of each of the 8 sub-blocks of 32 weights on levels 0..nmax that minimise the weighted
+// squared error: a search over nstep+1 candidate scales around (max - min) / nmax, each refined by weighted
+// least squares (llama.cpp's make_qkx2_quants). The 8 sub-blocks run side by side, one per vector lane:
+// each lane does exactly llama.cpp's arithmetic in llama.cpp's order, so the results are its bit for bit.
+// x and w are [32][8] (weight i of sub-block j at [i][j]); returns scales, mins (minus the offsets, >= 0)
+// and the levels L[j][i].
+#define LANES 8
+typedef float v8f __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+
+static inline v8i nearest_int8(v8f f) {  // nearest_int in each lane
+    const v8f val = f + 12582912.f;
+    v8i i;
+    memcpy(&i, &val, sizeof i);
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+static inline v8i clamp8(v8i l, int hi) {
+    l &= l > 0;  // comparisons give all-ones lanes where true
+    const v8i over = l > hi;
+    return (l & ~over) | (hi & over);
+}
+
+static void make_qkx2_quants8(int nmax, const v8f x[32], const v8f w[32], uint8_t L[LANES][32], float *scale_out,
+                              float *the_min, float rmin, float rdelta, int nstep) {
+    v8f min = x[0], max = x[0], sum_w = w[0], sum_x = w[0] * x[0], best = {0}, iscale, scale;
+    v8i Laux[32], Lbest[32];
+    for (int i = 1; i < 32; ++i) {
+        for (int j = 0; j < LANES; ++j) {
+            min[j] = x[i][j] < min[j] ? x[i][j] : min[j];
+            max[j] = x[i][j] > max[j] ? x[i][j] : max[j];
+        }
+        sum_w += w[i]; sum_x += w[i] * x[i];
     }
-    if (min > 0) min = 0;
-    if (max == min) {
-        memset(L, 0, n);
-        *the_min = -min;
-        return 0.f;
+    int flat[LANES];  // all weights equal (llama.cpp returns levels 0 at once)
+    for (int j = 0; j < LANES; ++j) {
+        if (min[j] > 0) min[j] = 0;
+        flat[j] = max[j] == min[j];
+        iscale[j] = flat[j] ? 0.f : nmax / (max[j] - min[j]);
+        scale[j] = flat[j] ? 0.f : 1 / iscale[j];
     }
-    float iscale = nmax / (max - min), scale = 1 / iscale, best_error = 0;
-    for (int i = 0; i < n; ++i) {
-        const int l = nearest_int(iscale * (x[i] - min));
-        L[i] = MAX(0, MIN(nmax, l));
-        const float diff = scale * L[i] + min - x[i];
-        best_error += weights[i] * diff * diff;
+    for (int i = 0; i < 32; ++i) {
+        Lbest[i] = clamp8(nearest_int8(iscale * (x[i] - min)), nmax);
+        const v8f diff = scale * __builtin_convertvector(Lbest[i], v8f) + min - x[i];
+        best += w[i] * (diff * diff);
     }
     for (int is = 0; is <= nstep; ++is) {
+        v8f sum_l = {0}, sum_l2 = {0}, sum_xl = {0}, err = {0};
         iscale = (rmin + rdelta * is + nmax) / (max - min);
-        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
-        for (int i = 0; i < n; ++i) {
-            const int l = MAX(0, MIN(nmax, nearest_int(iscale * (x[i] - min))));
-            Laux[i] = l;
-            sum_l += weights[i] * l; sum_l2 += weights[i] * l * l; sum_xl += weights[i] * l * x[i];
+        for (int i = 0; i < 32; ++i) {
+            Laux[i] = clamp8(nearest_int8(iscale * (x[i] - min)), nmax);
+            const v8f l = __builtin_convertvector(Laux[i], v8f);
+            sum_l += w[i] * l; sum_l2 += w[i] * l * l; sum_xl += w[i] * l * x[i];
         }
-        const float D = sum_w * sum_l2 - sum_l * sum_l;
-        if (D <= 0) continue;
-        float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D, this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-        if (this_min > 0) { this_min = 0; this_scale = sum_xl / sum_l2; }
-        float cur_error = 0;
-        for (int i = 0; i < n; ++i) {
-            const float diff = this_scale * Laux[i] + this_min - x[i];
-            cur_error += weights[i] * diff * diff;
+        const v8f D = sum_w * sum_l2 - sum_l * sum_l;
+        v8f this_scale = (sum_w * sum_xl - sum_x * sum_l) / D, this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+        for (int j = 0; j < LANES; ++j)
+            if (this_min[j] > 0) { this_min[j] = 0; this_scale[j] = sum_xl[j] / sum_l2[j]; }
+        for (int i = 0; i < 32; ++i) {
+            const v8f diff = this_scale * __builtin_convertvector(Laux[i], v8f) + this_min - x[i];
+            err += w[i] * (diff * diff);
         }
-        if (cur_error < best_error) {
-            memcpy(L, Laux, n);
-            best_error = cur_error; scale = this_scale; min = this_min;
+        for (int j = 0; j < LANES; ++j) {
+            if (flat[j] || !(D[j] > 0) || !(err[j] < best[j])) continue;
+            for (int i = 0; i < 32; ++i) Lbest[i][j] = Laux[i][j];
+            best[j] = err[j]; scale[j] = this_scale[j]; min[j] = this_min[j];
         }
     }
-    *the_min = -min;
-    return scale;
+    for (int j = 0; j < LANES; ++j) {
+        for (int i = 0; i < 32; ++i) L[j][i] = flat[j] ? 0 : (uint8_t)Lbest[i][j];
+        the_min[j] = -min[j];
+        scale_out[j] = scale[j];
+    }
 }
 
 // Symmetric levels -nmax..nmax-1 (stored + nmax) for n weights, weights x^2 (rmse_type 1, no imatrix):
@@ -233,14 +259,19 @@ static inline void get_scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t
 // Q4_K and Q5_K share their layout up to the quants: {fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins
 // of 8 sub-blocks of 32}. Fills those 16 bytes and L (levels 0..nmax) for one super-block.
 static void kquant_scales(const float *x, int nmax, float rmin, int nstep, uint8_t *head, uint8_t *L) {
-    uint8_t Laux[32];
-    float weights[32], mins[QK_K / 32], scales[QK_K / 32], max_scale = 0, max_min = 0;
+    v8f xt[32], wt[32];
+    float mins[QK_K / 32], scales[QK_K / 32], max_scale = 0, max_min = 0;
     for (int j = 0; j < QK_K / 32; ++j) {
         float sum_x2 = 0;
         for (int l = 0; l < 32; ++l) sum_x2 += x[32 * j + l] * x[32 * j + l];
         const float av_x = sqrtf(sum_x2 / 32);
-        for (int l = 0; l < 32; ++l) weights[l] = av_x + fabsf(x[32 * j + l]);
-        scales[j] = make_qkx2_quants(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, rmin, 0.1f, nstep);
+        for (int l = 0; l < 32; ++l) {
+            xt[l][j] = x[32 * j + l];
+            wt[l][j] = av_x + fabsf(x[32 * j + l]);
+        }
+    }
+    make_qkx2_quants8(nmax, xt, wt, (uint8_t (*)[32])L, scales, mins, rmin, 0.1f, nstep);
+    for (int j = 0; j < QK_K / 32; ++j) {
         max_scale = MAX(max_scale, scales[j]);
         max_min = MAX(max_min, mins[j]);
     }
