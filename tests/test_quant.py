@@ -58,9 +58,9 @@ def layer(kind: str, out_features: int = 96, in_features: int = 512, seed: int =
 
 
 def single_vector_bound(x: torch.Tensor, w: torch.Tensor, kind: str) -> torch.Tensor:
-    """What the one-vector path guarantees: each activation is held to 2^-16 of its group's largest value
-    (error <= max / 65024 each), so |error| <= sum_groups max|x_g| sum_(j in g) |w_j| / 65024, plus fp32
-    summation noise."""
+    """What the integer path (one vector; the K-quants' batches) guarantees: each activation is held to 2^-16
+    of its group's largest value (error <= max / 65024 each), so |error| <= sum_groups max|x_g| sum_(j in g)
+    |w_j| / 65024, plus fp32 summation noise."""
     group = BLOCK_ELEMS[kind]
     top = x.double().abs().reshape(x.shape[0], -1, group).amax(-1)  # [n, groups]
     wsum = w.double().abs().reshape(w.shape[0], -1, group).sum(-1)  # [rows, groups]
@@ -83,7 +83,7 @@ def test_products_equal_fp32_ones(kind, n):
     ref = x.double() @ w.double().T
     got = q(x)
     assert got.dtype == torch.float32 and got.shape == (n, w.shape[0])
-    if n == 1:  # integer products with 16-bit activations
+    if n == 1 or (kind in K_KINDS and n <= GEMM_MIN_VECTORS):  # integer products with 16-bit activations
         assert (got.double() - ref).abs().le(single_vector_bound(x, w, kind)).all()
         assert (got.double() - ref).abs().max() > 0  # it is that path (fp32 sums would be closer still)
     else:
@@ -208,6 +208,9 @@ def test_one_call_decode_equals_the_models_layers(kind, heads, kv_heads, head_di
     torch.manual_seed(0)
     dim, hidden = (256, 512) if kind in K_KINDS else (64, 96)
     head_dim = 256 // heads if kind in K_KINDS else head_dim
+    # K-quant batches take the 16-bit integer path on both sides, which rounds the C and torch norms' slightly
+    # different fp32 outputs apart now and then; the 32-wide kinds' batches are fp32 throughout
+    tolerance = 1e-3 if kind in K_KINDS else 1e-4
     args = ModelArgs(dim=dim, n_layers=2, head_dim=head_dim, hidden_dim=hidden, n_heads=heads, n_kv_heads=kv_heads,
                      vocab_size=50, sliding_window=window, max_seq_len=64)
     fast = quantized(Transformer(args).eval(), kind)
@@ -227,12 +230,12 @@ def test_one_call_decode_equals_the_models_layers(kind, heads, kv_heads, head_di
             toks = tokens[: len(active)]
             metas = [c.prepare(active, [1] * len(active)) for c in caches]
             got, ref = (m(toks, meta, c) for m, meta, c in zip((fast, slow), metas, caches))
-            torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+            torch.testing.assert_close(got, ref, rtol=0, atol=tolerance * ref.abs().max().item())
             assert torch.equal(got.argmax(-1), ref.argmax(-1))
             tokens = ref.argmax(-1).repeat(2)
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
         # the kernel wrote the same keys and values (the K-quant models' run to ~50)
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * max(1.0, b.abs().max().item()))
+        torch.testing.assert_close(a, b, rtol=0, atol=tolerance / 10 * max(1.0, b.abs().max().item()))
 
 
 def test_one_call_decode_declines_a_cache_it_cannot_read():

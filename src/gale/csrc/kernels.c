@@ -532,38 +532,51 @@ static void gemv_pass(const gale_qmat *w, const float *x, float *y, int64_t n, i
     }
 }
 
+#ifdef GALE_AVX2
+/* The integer path for n vectors: each quantized once (per 32 columns and/or per 256, as the kinds need),
+ * then every row meets all of them while it sits in L1. */
+static void gemv_int(const gale_qmat *const *ws, float *const *ys, int count, const float *x, int64_t n,
+                     int threads) {
+    int64_t cols = ws[0]->cols, rows_total = 0;
+    int need[2] = {0, 0}; /* 32-column groups, 256-column groups */
+    for (int i = 0; i < count; i++) {
+        rows_total += ws[i]->rows;
+        need[is_k(ws[i]->kind)] = 1;
+    }
+    gale_xq *xq = calloc(2 * n, sizeof(gale_xq)); /* [group kind][vector] */
+    for (int g = 0; g < 2; g++)
+        for (int64_t v = 0; v < n && need[g]; v++) {
+            xq_alloc(&xq[g * n + v], cols);
+            xq_quantize(x + v * cols, cols, g ? 256 : 32, &xq[g * n + v]);
+        }
+#pragma omp parallel num_threads(threads) if (rows_total * cols >= 65536)
+    for (int i = 0; i < count; i++) {
+        const gale_qmat *w = ws[i];
+        int64_t stride = row_bytes(w), nb = cols / BLOCK_ELEMS[w->kind];
+        const gale_xq *q = xq + is_k(w->kind) * n;
+        float *y = ys[i];
+#pragma omp for schedule(static) nowait
+        for (int64_t r = 0; r < w->rows; r++)
+            for (int64_t v = 0; v < n; v++) y[v * w->rows + r] = row_dot_xq(w->kind, w->blocks + r * stride, q + v, nb);
+    }
+    for (int64_t j = 0; j < 2 * n; j++)
+        if (xq[j].hi) xq_free(&xq[j]);
+    free(xq);
+}
+#endif
+
 /* y[i] = x W[i]^T for `count` matrices of the same input width (q/k/v, or gate/up: one input), x [n, cols]
- * -> y[i] [n, rows_i]. One vector is quantized to int8 planes once for all of them (per 32 columns and/or
- * per 256, as the kinds need) and the matrices' rows run in one parallel region without barriers between
- * them; more vectors go in passes of MAX_VECTORS. */
+ * -> y[i] [n, rows_i], the matrices' rows in one parallel region without barriers between them. One vector,
+ * and any number of them for the K-quants, take the integer path; several vectors of the 32-wide kinds go
+ * in fp32 passes of MAX_VECTORS that read each block once for all of them. */
 static void gemv_shared(const gale_qmat *const *ws, float *const *ys, int count, const float *x, int64_t n,
                         int threads) {
     int64_t cols = ws[0]->cols;
 #ifdef GALE_AVX2
-    if (n == 1) {
-        int64_t work = 0;
-        int need[2] = {0, 0}; /* 32-column groups, 256-column groups */
-        for (int i = 0; i < count; i++) {
-            work += ws[i]->rows * cols;
-            need[is_k(ws[i]->kind)] = 1;
-        }
-        gale_xq xq[2];
-        for (int g = 0; g < 2; g++)
-            if (need[g]) {
-                xq_alloc(&xq[g], cols);
-                xq_quantize(x, cols, g ? 256 : 32, &xq[g]);
-            }
-#pragma omp parallel num_threads(threads) if (work >= 65536)
-        for (int i = 0; i < count; i++) {
-            const gale_qmat *w = ws[i];
-            int64_t stride = row_bytes(w), nb = cols / BLOCK_ELEMS[w->kind];
-            const gale_xq *q = &xq[is_k(w->kind)];
-            float *y = ys[i];
-#pragma omp for schedule(static) nowait
-            for (int64_t r = 0; r < w->rows; r++) y[r] = row_dot_xq(w->kind, w->blocks + r * stride, q, nb);
-        }
-        for (int g = 0; g < 2; g++)
-            if (need[g]) xq_free(&xq[g]);
+    int all_k = 1;
+    for (int i = 0; i < count; i++) all_k &= is_k(ws[i]->kind);
+    if (n == 1 || all_k) {
+        gemv_int(ws, ys, count, x, n, threads);
         return;
     }
 #endif
