@@ -1,8 +1,11 @@
 // fp32 rows -> GGUF block records, ported from llama.cpp's reference quantizers (ggml-quants.c,
 // quantize_row_*_ref, which llama-quantize runs when no importance matrix is given), so Gale's files hold
 // the blocks llama.cpp would write. One entry point, gale_quantize, parallel over rows with OpenMP.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("fp-contract=off")  // no fused multiply-adds: llama.cpp's blocks, bit for bit, on any -march
+// No fused multiply-adds: llama.cpp's blocks, bit for bit, whatever -march the library is built with.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
 #endif
 #include <math.h>
 #include <stdint.h>
@@ -154,8 +157,9 @@ static inline v8i nearest_int8(v8f f) {  // nearest_int in each lane
     return (i & 0x007fffff) - 0x00400000;
 }
 
-static inline v8i clamp8(v8i l, int hi) {
-    l &= l > 0;  // comparisons give all-ones lanes where true
+static inline v8i clamp8(v8i l, int lo, int hi) {
+    const v8i under = l < lo;  // comparisons give all-ones lanes where true
+    l = (l & ~under) | (lo & under);
     const v8i over = l > hi;
     return (l & ~over) | (hi & over);
 }
@@ -179,7 +183,7 @@ static void make_qkx2_quants8(int nmax, const v8f x[32], const v8f w[32], uint8_
         scale[j] = flat[j] ? 0.f : 1 / iscale[j];
     }
     for (int i = 0; i < 32; ++i) {
-        Lbest[i] = clamp8(nearest_int8(iscale * (x[i] - min)), nmax);
+        Lbest[i] = clamp8(nearest_int8(iscale * (x[i] - min)), 0, nmax);
         const v8f diff = scale * __builtin_convertvector(Lbest[i], v8f) + min - x[i];
         best += w[i] * (diff * diff);
     }
@@ -187,7 +191,7 @@ static void make_qkx2_quants8(int nmax, const v8f x[32], const v8f w[32], uint8_
         v8f sum_l = {0}, sum_l2 = {0}, sum_xl = {0}, err = {0};
         iscale = (rmin + rdelta * is + nmax) / (max - min);
         for (int i = 0; i < 32; ++i) {
-            Laux[i] = clamp8(nearest_int8(iscale * (x[i] - min)), nmax);
+            Laux[i] = clamp8(nearest_int8(iscale * (x[i] - min)), 0, nmax);
             const v8f l = __builtin_convertvector(Laux[i], v8f);
             sum_l += w[i] * l; sum_l2 += w[i] * l * l; sum_xl += w[i] * l * x[i];
         }
@@ -212,39 +216,43 @@ static void make_qkx2_quants8(int nmax, const v8f x[32], const v8f w[32], uint8_
     }
 }
 
-// Symmetric levels -nmax..nmax-1 (stored + nmax) for n weights, weights x^2 (rmse_type 1, no imatrix):
-// 19 candidate scales around the one that maps the largest magnitude to -nmax. Returns the scale.
-static float make_qx_quants(int n, int nmax, const float *x, int8_t *L) {
-    float max = 0, amax = 0;
-    for (int i = 0; i < n; ++i)
-        if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }
-    if (amax < GROUP_MAX_EPS) {
-        memset(L, 0, n);
-        return 0.f;
-    }
-    float iscale = -nmax / max, sumlx = 0, suml2 = 0;
-    for (int i = 0; i < n; ++i) {
-        const int l = MAX(-nmax, MIN(nmax - 1, nearest_int(iscale * x[i])));
-        L[i] = l + nmax;
-        const float w = x[i] * x[i];
+// Symmetric levels -nmax..nmax-1 (stored + nmax) of 8 groups of 16 weights side by side (x[i][j]: weight i of
+// group j), weights x^2 (llama.cpp's make_qx_quants, rmse_type 1, no imatrix, each lane in its arithmetic):
+// 19 candidate scales around the one that maps the largest magnitude to -nmax. Fills scale[j] and L[j][i].
+static void make_qx_quants8(int nmax, const v8f x[16], int8_t L[LANES][16], float *scale_out) {
+    v8f max = {0}, amax = {0}, sumlx = {0}, suml2 = {0}, iscale, scale, best;
+    v8i Laux[16], Lbest[16];
+    for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < LANES; ++j)
+            if (fabsf(x[i][j]) > amax[j]) { amax[j] = fabsf(x[i][j]); max[j] = x[i][j]; }
+    iscale = (float)-nmax / max;
+    for (int i = 0; i < 16; ++i) {
+        Lbest[i] = clamp8(nearest_int8(iscale * x[i]), -nmax, nmax - 1);
+        const v8f l = __builtin_convertvector(Lbest[i], v8f), w = x[i] * x[i];
         sumlx += w * x[i] * l; suml2 += w * l * l;
     }
-    float scale = suml2 ? sumlx / suml2 : 0.0f, best = scale * sumlx;
+    for (int j = 0; j < LANES; ++j) scale[j] = suml2[j] ? sumlx[j] / suml2[j] : 0.0f;
+    best = scale * sumlx;
     for (int is = -9; is <= 9; ++is) {
         if (is == 0) continue;
         iscale = -(nmax + 0.1f * is) / max;
-        sumlx = suml2 = 0;
-        for (int i = 0; i < n; ++i) {
-            const int l = MAX(-nmax, MIN(nmax - 1, nearest_int(iscale * x[i])));
-            const float w = x[i] * x[i];
+        sumlx = suml2 = (v8f){0};
+        for (int i = 0; i < 16; ++i) {
+            Laux[i] = clamp8(nearest_int8(iscale * x[i]), -nmax, nmax - 1);
+            const v8f l = __builtin_convertvector(Laux[i], v8f), w = x[i] * x[i];
             sumlx += w * x[i] * l; suml2 += w * l * l;
         }
-        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-            for (int i = 0; i < n; ++i) L[i] = nmax + MAX(-nmax, MIN(nmax - 1, nearest_int(iscale * x[i])));
-            scale = sumlx / suml2; best = scale * sumlx;
+        for (int j = 0; j < LANES; ++j) {
+            if (!(suml2[j] > 0 && sumlx[j] * sumlx[j] > best[j] * suml2[j])) continue;
+            for (int i = 0; i < 16; ++i) Lbest[i][j] = Laux[i][j];
+            scale[j] = sumlx[j] / suml2[j]; best[j] = scale[j] * sumlx[j];
         }
     }
-    return scale;
+    for (int j = 0; j < LANES; ++j) {
+        const int zero = amax[j] < GROUP_MAX_EPS;  // all (nearly) zero: levels 0, scale 0
+        for (int i = 0; i < 16; ++i) L[j][i] = zero ? 0 : (int8_t)(Lbest[i][j] + nmax);
+        scale_out[j] = zero ? 0.f : scale[j];
+    }
 }
 
 static inline void get_scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
@@ -337,10 +345,14 @@ static void q6_k(const float *x, uint8_t *y, int64_t nb) {
     float scales[QK_K / 16];
     for (int64_t i = 0; i < nb; i++, x += QK_K, y += 210) {
         float max_scale = 0, max_abs_scale = 0;
-        for (int ib = 0; ib < QK_K / 16; ++ib) {
-            scales[ib] = make_qx_quants(16, 32, x + 16 * ib, L + 16 * ib);
-            if (fabsf(scales[ib]) > max_abs_scale) { max_abs_scale = fabsf(scales[ib]); max_scale = scales[ib]; }
+        for (int half = 0; half < 2; ++half) {  // groups 0-7, then 8-15, in vector lanes
+            v8f xt[16];
+            for (int j = 0; j < LANES; ++j)
+                for (int ii = 0; ii < 16; ++ii) xt[ii][j] = x[16 * (LANES * half + j) + ii];
+            make_qx_quants8(32, xt, (int8_t (*)[16])(L + 16 * LANES * half), scales + LANES * half);
         }
+        for (int ib = 0; ib < QK_K / 16; ++ib)
+            if (fabsf(scales[ib]) > max_abs_scale) { max_abs_scale = fabsf(scales[ib]); max_scale = scales[ib]; }
         memset(y, 0, 210);
         if (max_abs_scale < GROUP_MAX_EPS) continue;
         int8_t *sc = (int8_t *)(y + 192);
