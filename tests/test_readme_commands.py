@@ -98,6 +98,9 @@ CHECKS: dict[str, Check] = {
     ".venv/bin/gale moderate --jsonl items.jsonl": Check("run"),
     ".venv/bin/gale moderate --eval [--limit N] [--model Mistral-7B-Instruct-v0.1]": Check("run", "--limit 1"),
     ".venv/bin/gale eval safety [--limit N]": Check("run", "--limit 1"),
+    ".venv/bin/gale eval mt-bench --questions FastChat/fastchat/llm_judge/data/mt_bench/question.jsonl "
+    "--judge-url http://127.0.0.1:8001/v1 --judge-model judge --model ~/models/Mistral-7B-Instruct-v0.1":
+        Check("parse", why="FastChat's files, a judge and 7B; tests/test_eval_mtbench.py runs it end to end"),
     '.venv/bin/gale chat "MESSAGE" --moderate [THRESHOLD]': Check("run", TINY),
     ".venv/bin/python benchmarks/attention.py": Check("script", "--tokens 64 --window 16 --decode-steps 2"),
     "python benchmarks/cpu.py --threads 2 --repeats 3 --no-synth":

@@ -13,7 +13,7 @@ from typing import Any
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("tasks", nargs="+", metavar="TASK",
                    help="mmlu hellaswag winogrande piqa arc_easy arc_challenge naturalquestions triviaqa humaneval "
-                        "mbpp gsm8k math; or `perplexity FILE...`; or `safety`")
+                        "mbpp gsm8k math; or `perplexity FILE...`; or `safety`; or `mt-bench`")
     p.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
                    help="the task's data file (.jsonl, .jsonl.gz, .json, .parquet) in its upstream layout")
     p.add_argument("--fewshot", action="append", default=[], metavar="TASK=PATH",
@@ -30,6 +30,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bos", choices=("model", "always", "never"), default="model",
                    help="BOS before scored contexts: the tokenizer's own default, as lm-eval's hf model (model), or "
                         "always (lm-eval's add_bos_token=True) or never")
+    mt = p.add_argument_group("mt-bench (`gale eval mt-bench`, FastChat's llm_judge single-answer grading)")
+    mt.add_argument("--questions", default=None, help="FastChat's data/mt_bench/question.jsonl")
+    mt.add_argument("--judge-url", default=None, help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    mt.add_argument("--judge-model", default=None, help="the judge's model name at that endpoint")
+    mt.add_argument("--judge-prompts", default=None,
+                    help="FastChat's data/judge_prompts.jsonl (default: beside the questions' folder)")
+    mt.add_argument("--references", default=None, help="FastChat's reference_answer/gpt-4.jsonl for math, "
+                                                        "reasoning and coding (default: the questions' 'reference')")
+    mt.add_argument("--judge-api-key", default=None, help="Bearer key for the judge (default: $OPENAI_API_KEY)")
+    mt.add_argument("--judge-max-tokens", type=int, default=2048)
+    mt.add_argument("--judge-retries", type=int, default=3, help="asks again when a judgment has no [[rating]]")
+    mt.add_argument("--max-tokens", type=int, default=1024, help="answer tokens per turn")
+    mt.add_argument("--safe", action="store_true", help="answer with Mistral's guardrail system prompt")
     p.add_argument("--chat", action="store_true",
                    help="instruct models: ask HumanEval in the model's chat format (see README, evaluation)")
 
@@ -54,6 +67,9 @@ def run(a: argparse.Namespace, load: Callable[[argparse.Namespace], Any]) -> Non
         for path in a.tasks[1:]:
             print(json.dumps({"file": path, **perplexity(lm, Path(path).read_text(encoding="utf-8"))}))
         return
+    if a.tasks == ["mt-bench"]:
+        _mt_bench(a, load)
+        return
     if a.tasks == ["safety"]:  # moderation P/R/F1 and refusal rates on the shipped labelled set
         from .. import safety
 
@@ -73,3 +89,21 @@ def run(a: argparse.Namespace, load: Callable[[argparse.Namespace], Any]) -> Non
                       limit=a.limit, settings=settings)
     print((Path(a.output) / "results.md").read_text(encoding="utf-8"), end="")
     print(f"gale eval: wrote {a.output}/results.json ({len(report['tasks'])} tasks)")
+
+
+def _mt_bench(a: argparse.Namespace, load: Callable[[argparse.Namespace], Any]) -> None:
+    import os
+
+    from . import mtbench
+
+    if not (a.questions and a.judge_url and a.judge_model):
+        raise ValueError("usage: gale eval mt-bench --questions FILE --judge-url URL --judge-model NAME")
+    questions = mtbench.load_questions(a.questions, a.references)
+    prompts = mtbench.load_judge_prompts(a.judge_prompts or mtbench.default_judge_prompts(a.questions))
+    judge = mtbench.Judge(a.judge_url, a.judge_model, api_key=a.judge_api_key or os.environ.get("OPENAI_API_KEY"),
+                          max_tokens=a.judge_max_tokens, retries=a.judge_retries)
+    lm = load(a)
+    name = Path(str(getattr(lm, "path", a.model or "model"))).name
+    mtbench.run_mt_bench(lm, questions, prompts, judge, output=a.output, model=name, safe=a.safe,
+                         max_tokens=a.max_tokens, progress=lambda line: print(line, file=sys.stderr))
+    print((Path(a.output) / "results.md").read_text(encoding="utf-8"), end="")
