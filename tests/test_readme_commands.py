@@ -101,6 +101,7 @@ CHECKS: dict[str, Check] = {
     ".venv/bin/gale eval mt-bench --questions FastChat/fastchat/llm_judge/data/mt_bench/question.jsonl "
     "--judge-url http://127.0.0.1:8001/v1 --judge-model judge --model ~/models/Mistral-7B-Instruct-v0.1":
         Check("parse", why="FastChat's files, a judge and 7B; tests/test_eval_mtbench.py runs it end to end"),
+    "gale eval compare TASK --data TASK=PATH": Check("elsewhere", why="tests/test_eval_compare.py runs it"),
     '.venv/bin/gale chat "MESSAGE" --moderate [THRESHOLD]': Check("run", TINY),
     ".venv/bin/python benchmarks/attention.py": Check("script", "--tokens 64 --window 16 --decode-steps 2"),
     "python benchmarks/cpu.py --threads 2 --repeats 3 --no-synth":

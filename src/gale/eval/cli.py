@@ -13,7 +13,8 @@ from typing import Any
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("tasks", nargs="+", metavar="TASK",
                    help="mmlu hellaswag winogrande piqa arc_easy arc_challenge naturalquestions triviaqa humaneval "
-                        "mbpp gsm8k math; or `perplexity FILE...`; or `safety`; or `mt-bench`")
+                        "mbpp gsm8k math; or `perplexity FILE...`; `safety`; `mt-bench`; `compare TASK` (Gale's runner "
+                        "and lm-eval's hf model side by side)")
     p.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
                    help="the task's data file (.jsonl, .jsonl.gz, .json, .parquet) in its upstream layout")
     p.add_argument("--fewshot", action="append", default=[], metavar="TASK=PATH",
@@ -70,6 +71,9 @@ def run(a: argparse.Namespace, load: Callable[[argparse.Namespace], Any]) -> Non
     if a.tasks == ["mt-bench"]:
         _mt_bench(a, load)
         return
+    if a.tasks[0] == "compare":
+        _compare(a, load)
+        return
     if a.tasks == ["safety"]:  # moderation P/R/F1 and refusal rates on the shipped labelled set
         from .. import safety
 
@@ -107,3 +111,20 @@ def _mt_bench(a: argparse.Namespace, load: Callable[[argparse.Namespace], Any]) 
     mtbench.run_mt_bench(lm, questions, prompts, judge, output=a.output, model=name, safe=a.safe,
                          max_tokens=a.max_tokens, progress=lambda line: print(line, file=sys.stderr))
     print((Path(a.output) / "results.md").read_text(encoding="utf-8"), end="")
+
+
+def _compare(a: argparse.Namespace, load: Callable[[argparse.Namespace], Any]) -> None:
+    from .compare import compare, markdown, reference_model
+    from .runner import Settings
+
+    if len(a.tasks) != 2:
+        raise ValueError("usage: gale eval compare TASK --data TASK=PATH [--model PATH]")
+    task, data = a.tasks[1], _pairs(a.data, "--data")
+    if task not in data:
+        raise ValueError(f"no data for {task}: pass --data {task}=PATH")
+    lm = load(a)
+    bos = {"model": None, "always": True, "never": False}[a.bos]
+    row = compare(lm, reference_model(lm.path, add_bos_token=bos), task, data[task],
+                  fewshot=_pairs(a.fewshot, "--fewshot").get(task), shots=_pairs(a.shots, "--shots", int).get(task),
+                  limit=a.limit, settings=Settings(max_batch_tokens=a.batch_tokens, bos=bos))
+    print(markdown(row), end="")
