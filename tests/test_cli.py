@@ -90,7 +90,7 @@ class FakeLLM:
         assert len(ids) < self.engine.context_len, "the CLI sent a prompt the engine would refuse"
         self.prompts.append(messages)
         room = min(max_tokens, self.engine.context_len - len(ids))
-        yield from (f"{w} " for w in self.answer[:room])
+        yield from (f" {w}" if i else w for i, w in enumerate(self.answer[:room]))
         return "length" if room < len(self.answer) else "stop"
 
 
@@ -148,14 +148,16 @@ def test_ctrl_c_stops_the_answer_and_the_session_goes_on(smollm2_llm, capsys):
 def test_an_over_long_conversation_drops_its_oldest_exchanges_and_goes_on(smollm2_llm, monkeypatch, capsys):
     from gale.cli import Chat
 
-    monkeypatch.setattr(smollm2_llm.engine, "context_len", 120)
-    chat = Chat(smollm2_llm, "Answer in one short sentence.", {"max_tokens": 24})
-    for question in ["What is the capital of France?", "And of Italy?", "And of Spain?", "And of Japan?"]:
-        chat.ask(question)
-        assert len(smollm2_llm.encode_chat(chat.messages())) < 120
+    monkeypatch.setattr(smollm2_llm.engine, "context_len", 80)
+    chat = Chat(smollm2_llm, "Answer in one short sentence.", {"max_tokens": 16})
+    questions = ["What is the capital of France?", "And of Italy?", "And of Spain?", "And of Japan?", "And of Peru?"]
+    for question in questions:
+        assert chat.ask(question)
+        assert len(smollm2_llm.encode_chat(chat.messages())) <= 80
     err = capsys.readouterr().err
-    assert "outgrew the 120-token context: dropped its oldest" in err, err
-    assert chat.turns[-2]["content"] == "And of Japan?" and chat.messages()[0]["role"] == "system"
+    assert "outgrew the 80-token context: dropped its oldest" in err, err
+    assert chat.turns[-2]["content"] == questions[-1] and chat.messages()[0]["role"] == "system"
+    assert len(chat.turns) < 2 * len(questions)
 
 
 def test_a_message_longer_than_the_context_is_refused_and_the_session_goes_on(capsys):
@@ -164,13 +166,14 @@ def test_a_message_longer_than_the_context_is_refused_and_the_session_goes_on(ca
     chat = Chat(FakeLLM(context_len=20), None, {"max_tokens": 4})
     assert chat.ask("word " * 30) == "" and chat.turns == []
     assert "the context holds 20: not sent" in capsys.readouterr().err
-    assert chat.ask("Hi") == "fine thanks "
+    assert chat.ask("Hi") == "fine thanks"
 
 
 def test_interactive_chat_in_a_terminal_survives_ctrl_c(smollm2_path):
     """The whole command in a pseudo-terminal: ^C from the keyboard mid-answer, then more chat, then /exit."""
     import os
     import pty
+    import select
     import time
 
     pid, fd = pty.fork()
@@ -178,29 +181,36 @@ def test_interactive_chat_in_a_terminal_survives_ctrl_c(smollm2_path):
         os.execv(sys.executable, [sys.executable, "-m", "gale.cli", "chat", "--max-tokens", "400"])
     seen = b""
 
-    def until(text: bytes, timeout: float = 240) -> None:
+    def until(text: bytes, timeout: float = 240, more: int = 0) -> None:
+        """Read the terminal until `text` is shown and then `more` bytes after it."""
         nonlocal seen
         deadline = time.time() + timeout
-        while text not in seen:
+        while text not in seen or len(seen.split(text, 1)[1]) < more:
             assert time.time() < deadline, f"{text!r} not shown; terminal: {seen.decode(errors='replace')[-2000:]}"
+            if not select.select([fd], [], [], 1.0)[0]:
+                continue
             try:
                 seen += os.read(fd, 4096)
             except OSError:  # the child is gone
                 raise AssertionError(seen.decode(errors="replace")[-2000:]) from None
+        seen = seen.split(text, 1)[1]  # what follows is still to be read
 
     try:
         until(b"> ")
         os.write(fd, b"Count from 1 to 300, separated by commas.\r")
-        until(b"10")
+        until(b"commas.\r\n", more=8)  # the answer has begun
         os.write(fd, b"\x03")  # Ctrl-C: the terminal sends SIGINT to gale
         until(b"(answer stopped)")
-        seen = b""
         until(b"> ")
         os.write(fd, b"/exit\r")
         _, status = os.waitpid(pid, 0)
+        pid = 0
         assert os.waitstatus_to_exitcode(status) == 0, seen
     finally:
         os.close(fd)
+        if pid:  # the test failed with gale still running
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 # -- errors, help, install hints ---------------------------------------------------------------------------------

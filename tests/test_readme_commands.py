@@ -218,7 +218,7 @@ def free_port() -> int:
 
 
 def run_serve(command: str, ws: Path, smollm2_path: Path) -> None:
-    """Start the README's server, ask it one question (and one under a wrong model name), stop it."""
+    """Start the README's server, ask it one question by a model-name alias (and one by a wrong name), stop it."""
     import httpx
 
     parse(with_placeholders(command).replace("model.gguf", str(smollm2_path)), ws)
@@ -237,13 +237,14 @@ def run_serve(command: str, ws: Path, smollm2_path: Path) -> None:
             except httpx.HTTPError:
                 time.sleep(0.5)
         assert server.poll() is None, server.stderr.read()
-        name = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-        body = {"model": name, "max_tokens": 2, "temperature": 0, "messages": [{"role": "user", "content": "Hi"}]}
+        assert httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"] == smollm2_path.name
+        body = {"model": smollm2_path.stem, "max_tokens": 2, "temperature": 0,  # an alias: the name without .gguf
+                "messages": [{"role": "user", "content": "Hi"}]}
         r = httpx.post(url + "/v1/chat/completions", timeout=120, json=body)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
         r = httpx.post(url + "/v1/chat/completions", timeout=120, json={**body, "model": "gpt-9"})
-        assert r.status_code == 404 and name in r.json()["error"]["message"], r.text  # the error names the model
+        assert r.status_code == 404 and repr(smollm2_path.stem) in r.json()["error"]["message"], r.text
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -204,10 +205,18 @@ async def moderations(req: ModerationRequest, st: State) -> dict:
 
 
 # -- requests into engine work -------------------------------------------------------------------
+def model_aliases(st: ServerState) -> list[str]:
+    """The names the one served model answers to: its served name, its file name with or without .gguf, its path."""
+    file = Path(st.llm.path).name
+    return list(dict.fromkeys((st.model_name, file, file.removesuffix(".gguf"), str(st.llm.path))))
+
+
 def check_model(st: ServerState, req: _Request) -> None:
-    if req.model not in (st.model_name, str(st.llm.path)):
-        raise APIError(404, f"model {req.model!r} does not exist; this server has {st.model_name!r}", "model",
-                       "model_not_found")
+    """Any other name is refused with the list, so a client's typo does not pass silently."""
+    aliases = model_aliases(st)
+    if req.model not in aliases:
+        raise APIError(404, f"model {req.model!r} does not exist; this server has one model, named any of "
+                       f"{', '.join(map(repr, aliases))}", "model", "model_not_found")
 
 
 def completion_prompts(st: ServerState, raw: str | list) -> list[list[int]]:
