@@ -276,3 +276,27 @@ def test_llama_cpp_loads_gales_gguf_and_logits_agree(folders, scheme):
     # llama.cpp rounds activations to 8 bits (Q8 dot products) where Gale keeps fp32: quantization noise
     assert (theirs - ours).abs().max() < 0.05 * ours.abs().max()
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() > 0.9
+
+
+def test_gale_quantize_requantizes_a_gguf_and_keeps_its_tokenizer(folders, tmp_path):
+    src = open_checkpoint(_gguf(folders, "Q8_0"))
+    out = write_gguf(src, tmp_path / "q4.gguf", "Q4_0", tokenizer=load_tokenizer(src.path, src.gguf_metadata),
+                     progress=False)
+    ckpt = open_checkpoint(out)
+    assert ckpt.storage["layers.0.attention.wq.weight"] == "Q4_0" and ckpt.storage["output.weight"] == "Q6_K"
+    keys = [k for k in src.gguf_metadata if k.startswith("tokenizer.")]
+    assert all(ckpt.gguf_metadata[k] == src.gguf_metadata[k] for k in keys)
+    assert torch.equal(_logits(load_model(out, keep_quantized=True, progress=False)),
+                       _logits(load_model(src, quantize="Q4_0", progress=False)))  # from the Q8_0 values
+
+
+def test_byte_level_bpe_tokenizer_metadata_rebuilds_the_same_tokenizer(smollm2_path):
+    from gale.weights.export import tokenizer_metadata
+
+    ckpt = open_checkpoint(smollm2_path)
+    tok = load_tokenizer(ckpt.path, gguf_metadata=ckpt.gguf_metadata)
+    meta = {k: v for k, (v, _) in tokenizer_metadata(tok).items()}  # as from a tokenizer.json: no GGUF source
+    assert meta["tokenizer.ggml.model"] == "gpt2" and len(meta["tokenizer.ggml.tokens"]) == tok.vocab_size
+    rebuilt = load_tokenizer(Path("x.gguf"), gguf_metadata=meta)
+    for text in ("Hello world", "<|im_start|>user\nhi<|im_end|>", "  spaces\tand ünïcode 😀 1234"):
+        assert rebuilt.encode(text) == tok.encode(text), text
