@@ -65,6 +65,10 @@ CHECKS: dict[str, Check] = {
     ".venv/bin/gale info": Check("run", expect="SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gale chat --model ~/models/Mistral-7B-Instruct-v0.1 --device cuda --dtype bf16": Check("parse", why="7B, GPU"),
     'gale generate "The sliding window" --model ~/models/mistral-7b-v0.1.Q4_K_M.gguf': Check("parse", why="7B"),
+    "gale chat --model ~/models/Mistral-7B-Instruct-v0.1 --quantize q8_0": Check("parse", why="7B"),
+    "gale quantize ~/models/Mistral-7B-Instruct-v0.1 mistral-7b.Q4_K_M.gguf --type Q4_K_M":
+        Check("parse", why="7B; tests/test_quantize.py runs gale quantize on tiny folders"),
+    "gale quantize": Check("elsewhere", why="tests/test_quantize.py::test_cli_quantize_and_its_errors"),
     ".venv/bin/gale serve --port 8000 [--model PATH] [--api-key KEY] [--max-seqs 16] [--max-queue 64] "
     "[--lora ADAPTER] [--prefix-cache 2048]": Check("serve"),
     "python benchmarks/server.py --levels 1 4 16 64 --requests-per-level 1 --max-tokens 32 --threads 2":
