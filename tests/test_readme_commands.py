@@ -110,6 +110,8 @@ CHECKS: dict[str, Check] = {
     ".venv/bin/python benchmarks/attention.py": Check("script", "--tokens 64 --window 16 --decode-steps 2"),
     "python benchmarks/cpu.py --threads 2 --repeats 3 --no-synth":
         Check("script", "--threads 1 --repeats 1 --engines gale --prompt-tokens 16 --decode-tokens 2 --batches"),
+    'pip install -e ".[serve]"': Check("extra"),
+    "gale chat": Check("parse", why="the interactive .venv/bin/gale chat entry runs it"),
     "gale serve --max-seqs 16": Check("parse", why="the serve entry above runs the server"),
     'pip install "skypilot[aws,gcp,azure]"': Check("elsewhere", why="the network; tests/test_deploy.py"),
     "sky check": Check("elsewhere", why="a cloud account"),

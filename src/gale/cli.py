@@ -21,7 +21,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         nothing = action.default is None or action.default is False or action.default == []  # not 0, not 0.0
-        if "default" in (action.help or "") or nothing or action.default == argparse.SUPPRESS:
+        said = any(words in (action.help or "") for words in ("(default", "default:"))  # in words, e.g. "cuda if"
+        if said or nothing or action.default == argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
 
@@ -455,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA layers among wq wk wv wo w1 w2 w3")
     p.add_argument("--schedule", default=None, choices=("cosine", "linear"), action=_ConfigFlag,
                    help="learning-rate decay after warm-up")
-    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None)
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None,
+                   help="keep activations instead of recomputing them: faster, more memory (default: checkpointing)")
     _model_flags(p)
     p.set_defaults(func=lambda a: __import__("gale.finetune", fromlist=["cli"]).cli(a))
 

@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mt.add_argument("--references", default=None, help="FastChat's reference_answer/gpt-4.jsonl for math, "
                                                         "reasoning and coding (default: the questions' 'reference')")
     mt.add_argument("--judge-api-key", default=None, help="Bearer key for the judge (default: $OPENAI_API_KEY)")
-    mt.add_argument("--judge-max-tokens", type=int, default=2048)
+    mt.add_argument("--judge-max-tokens", type=int, default=2048, help="tokens per judgment at most")
     mt.add_argument("--judge-retries", type=int, default=3, help="asks again when a judgment has no [[rating]]")
     mt.add_argument("--max-tokens", type=int, default=1024, help="answer tokens per turn")
     mt.add_argument("--safe", action="store_true", help="answer with Mistral's guardrail system prompt")
