@@ -205,6 +205,22 @@ def test_one_call_decode_equals_the_models_layers(kind, heads, kv_heads, head_di
     """gale_decode against model.py's Attention/FeedForward on the same blocks: sequences of different lengths
     in non-contiguous slots, decoding far past tiny windows (the rolling buffer wraps many times). K-quant
     layers need every width in 256s."""
+    check_one_call_decode(kind, heads, kv_heads, head_dim, window, torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q6_K"])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "window"), [(4, 2, 16, 5), (8, 2, 12, 3)])
+def test_one_call_decode_reads_fp16_caches_as_the_model_does(kind, heads, kv_heads, head_dim, window):
+    """An fp16 K/V cache (half the memory): the kernel rounds what it writes as torch's .to(float16) does and
+    reads it in fp32, as model.py's layers do (head_dim 12 takes the scalar ends of the conversions)."""
+    assert torch.float16 in quantized(Transformer(ModelArgs(dim=64, n_layers=1, head_dim=16, hidden_dim=64,
+                                                            n_heads=4, n_kv_heads=2, vocab_size=20)).eval(),
+                                      "Q8_0").decode_kernel.cache_dtypes
+    check_one_call_decode(kind, heads, kv_heads, head_dim, window, torch.float16)
+
+
+def check_one_call_decode(kind: str, heads: int, kv_heads: int, head_dim: int, window: int | None,
+                          kv_dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     dim, hidden = (256, 512) if kind in K_KINDS else (64, 96)
     head_dim = 256 // heads if kind in K_KINDS else head_dim
@@ -218,7 +234,7 @@ def test_one_call_decode_equals_the_models_layers(kind, heads, kv_heads, head_di
         p.data.uniform_(0.5, 1.5)
     slow = copy.copy(fast)
     slow.decode_kernel = None
-    caches = [RollingCache(args, 6), RollingCache(args, 6)]
+    caches = [RollingCache(args, 6, dtype=kv_dtype, compute_dtype=torch.float32) for _ in range(2)]
     slots, prompts = [5, 0, 3], [7, 1, 12]
     g = torch.Generator().manual_seed(1)
     prompt, tokens = torch.randint(0, 50, (sum(prompts),), generator=g), torch.randint(0, 50, (3,), generator=g)
@@ -235,7 +251,9 @@ def test_one_call_decode_equals_the_models_layers(kind, heads, kv_heads, head_di
             tokens = ref.argmax(-1).repeat(2)
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
         # the kernel wrote the same keys and values (the K-quant models' run to ~50)
-        torch.testing.assert_close(a, b, rtol=0, atol=tolerance / 10 * max(1.0, b.abs().max().item()))
+        # (an fp16 cache: one ulp, 2^-10 of the largest, where near-equal inputs round to neighbours)
+        step = tolerance / 10 if kv_dtype == torch.float32 else 2**-10
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=step * max(1.0, b.abs().max().item()))
 
 
 def test_one_call_decode_declines_a_cache_it_cannot_read():

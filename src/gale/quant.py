@@ -70,7 +70,8 @@ def kernels() -> ctypes.CDLL | None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     dll.gale_gemv.argtypes = [p, p, p, i64, i32]
     dll.gale_dequant.argtypes = [p, p, i64, p, i32]
-    dll.gale_decode.argtypes = [p, p, p, p, i64, i64, i64, p, p, p, p, p, i32]
+    dll.gale_decode.argtypes = [p, p, p, p, i32, i64, i64, i64, p, p, p, p, p, i32]
+    dll.gale_kv_half.restype = i32
     return dll
 
 
@@ -190,6 +191,8 @@ class DecodeKernel:
         self._lib = kernels()
         self._dims = _Dims(a.n_layers, a.dim, a.hidden_dim, a.n_heads, a.n_kv_heads, a.head_dim, a.norm_eps)
         self._layers = (_Layer * a.n_layers)()
+        # K/V storage it reads: fp32, and fp16 where the build has F16C (AVX2 builds); arithmetic stays fp32
+        self.cache_dtypes = (torch.float32, torch.float16) if self._lib.gale_kv_half() else (torch.float32,)
         self._head_dim, self._theta = a.head_dim, a.rope_theta
         self._rot = torch.empty(0)  # model.rope_rotations of positions 0.. as (cos, sin) pairs, grown on demand
         self._pointers: tuple = ()  # (cache.k, cache.v, their ctypes arrays): rebuilt when the cache grows
@@ -208,14 +211,15 @@ class DecodeKernel:
 
     def __call__(self, h: torch.Tensor, meta, cache) -> torch.Tensor | None:  # noqa: ANN001
         """Final-norm hidden states after `meta`'s decode step, or None where this path does not apply (a cache
-        that is not fp32 on the CPU): the caller then runs the layers itself."""
-        if cache is None or cache.dtype != torch.float32 or cache.device.type != "cpu":
+        not on the CPU or not in `cache_dtypes`): the caller then runs the layers itself."""
+        if cache is None or cache.dtype not in self.cache_dtypes or cache.device.type != "cpu":
             return None
         h = h.float().clone(memory_format=torch.contiguous_format)
         slots = meta.slots
         slots = torch.arange(slots.start, slots.stop) if isinstance(slots, slice) else slots.to(torch.int64)
         positions = meta.positions.to(torch.int64).contiguous()
         self._lib.gale_decode(ctypes.addressof(self._dims), self._layers, *self._cache_pointers(cache),
+                              int(cache.dtype == torch.float16),
                               cache.allocated, cache.capacity, h.shape[0], slots.contiguous().data_ptr(),
                               positions.data_ptr(), self._rotations(int(positions.max())).data_ptr(),
                               self._norms[0].data_ptr(), h.data_ptr(), torch.get_num_threads())

@@ -627,8 +627,43 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* out[j] = scale * q . k[j] for n keys (rows of hd floats); eight keys per pass share one reduction. */
-static void scores(const float *q, const float *k, int64_t n, int64_t hd, float scale, float *out) {
+/* K/V cache entries are fp32 or fp16 (`half`: the storage, half the memory; arithmetic stays fp32). fp16
+ * needs F16C, so only AVX2 builds take it (gale_kv_half reports which). */
+static inline float kv_at(const void *base, int64_t i, const int half) {
+#ifdef GALE_AVX2
+    if (half) return _cvtsh_ss(((const uint16_t *)base)[i]);
+#endif
+    (void)half;
+    return ((const float *)base)[i];
+}
+
+#ifdef GALE_AVX2
+static inline __m256 kv_load8(const void *base, int64_t i, const int half) {
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + i)));
+    return _mm256_loadu_ps((const float *)base + i);
+}
+#endif
+
+/* Store hd floats as one cache entry, rounded to nearest even in fp16 (what torch's .to(float16) gives). */
+static inline void kv_store(void *base, int64_t i, const float *x, int64_t hd, const int half) {
+#ifdef GALE_AVX2
+    if (half) {
+        uint16_t *dst = (uint16_t *)base + i;
+        int64_t j = 0;
+        for (; j + 8 <= hd; j += 8)
+            _mm_storeu_si128((__m128i *)(dst + j), _mm256_cvtps_ph(_mm256_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT));
+        for (; j < hd; j++) dst[j] = _cvtss_sh(x[j], _MM_FROUND_TO_NEAREST_INT);
+        return;
+    }
+#endif
+    (void)half;
+    memcpy((float *)base + i, x, sizeof(float) * hd);
+}
+
+/* out[j] = scale * q . k[j] for n keys (entries of hd values from `k`); eight keys per pass share one
+ * reduction. */
+static inline __attribute__((always_inline)) void scores(const float *q, const void *k, int64_t n, int64_t hd,
+                                                         float scale, float *out, const int half) {
     int64_t j = 0;
 #ifdef GALE_AVX2
     for (; hd % 8 == 0 && j + 8 <= n; j += 8) {
@@ -636,7 +671,7 @@ static void scores(const float *q, const float *k, int64_t n, int64_t hd, float 
         for (int t = 0; t < 8; t++) a[t] = _mm256_setzero_ps();
         for (int64_t i = 0; i < hd; i += 8) {
             __m256 qi = _mm256_loadu_ps(q + i);
-            for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + (j + t) * hd + i), a[t]);
+            for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(qi, kv_load8(k, (j + t) * hd + i, half), a[t]);
         }
         /* transpose-reduce: lane t of the result is the sum of a[t] */
         __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -645,11 +680,20 @@ static void scores(const float *q, const float *k, int64_t n, int64_t hd, float 
         _mm256_storeu_ps(out + j, _mm256_mul_ps(sum, _mm256_set1_ps(scale)));
     }
 #endif
-    for (; j < n; j++) out[j] = dot(q, k + j * hd, hd) * scale;
+    for (; j < n; j++) {
+        if (!half) {
+            out[j] = dot(q, (const float *)k + j * hd, hd) * scale;
+            continue;
+        }
+        float s = 0.f;
+        for (int64_t i = 0; i < hd; i++) s += q[i] * kv_at(k, j * hd + i, half);
+        out[j] = s * scale;
+    }
 }
 
-/* out[i] = sum_j p[j] v[j][i] for n rows of hd floats, 32 columns at a time held in registers. */
-static void weighted_sum(const float *p, const float *v, int64_t n, int64_t hd, float *out) {
+/* out[i] = sum_j p[j] v[j][i] for n entries of hd values, 32 columns at a time held in registers. */
+static inline __attribute__((always_inline)) void weighted_sum(const float *p, const void *v, int64_t n, int64_t hd,
+                                                               float *out, const int half) {
     int64_t i = 0;
 #ifdef GALE_AVX2
     for (; i + 32 <= hd; i += 32) {
@@ -659,21 +703,42 @@ static void weighted_sum(const float *p, const float *v, int64_t n, int64_t hd, 
         for (; j + 2 <= n; j += 2) {
             __m256 p0 = _mm256_broadcast_ss(p + j), p1 = _mm256_broadcast_ss(p + j + 1);
             for (int t = 0; t < 4; t++) {
-                a[t] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v + j * hd + i + 8 * t), a[t]);
-                a[t + 4] = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v + (j + 1) * hd + i + 8 * t), a[t + 4]);
+                a[t] = _mm256_fmadd_ps(p0, kv_load8(v, j * hd + i + 8 * t, half), a[t]);
+                a[t + 4] = _mm256_fmadd_ps(p1, kv_load8(v, (j + 1) * hd + i + 8 * t, half), a[t + 4]);
             }
         }
         for (; j < n; j++)
             for (int t = 0; t < 4; t++)
-                a[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), _mm256_loadu_ps(v + j * hd + i + 8 * t), a[t]);
+                a[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), kv_load8(v, j * hd + i + 8 * t, half), a[t]);
         for (int t = 0; t < 4; t++) _mm256_storeu_ps(out + i + 8 * t, _mm256_add_ps(a[t], a[t + 4]));
     }
 #endif
     for (; i < hd; i++) {
         float s = 0.f;
-        for (int64_t j = 0; j < n; j++) s += p[j] * v[j * hd + i];
+        for (int64_t j = 0; j < n; j++) s += p[j] * kv_at(v, j * hd + i, half);
         out[i] = s;
     }
+}
+
+/* Softmax-weighted values of one query over `len` cache entries: the range's max, sum and unnormalized
+ * output (flash-decoding's partial result). */
+static void attend_range(const float *q, const void *kb, const void *vb, int64_t len, int64_t hd, float scale,
+                         float *sc, float *out, float *max_out, float *sum_out, int half) {
+    if (half) scores(q, kb, len, hd, scale, sc, 1); else scores(q, kb, len, hd, scale, sc, 0);
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < len; j++) mx = sc[j] > mx ? sc[j] : mx;
+    *sum_out = exp_shifted(sc, len, mx);
+    *max_out = mx;
+    if (half) weighted_sum(sc, vb, len, hd, out, 1); else weighted_sum(sc, vb, len, hd, out, 0); /* 0s if len 0 */
+}
+
+/* 1 when this build reads fp16 K/V caches. */
+int gale_kv_half(void) {
+#ifdef GALE_AVX2
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 static void rms_norm(const float *x, const float *w, float *out, int64_t n, int64_t dim, double eps) {
@@ -701,13 +766,14 @@ static void rope(float *x, const float *table, const int64_t *positions, int64_t
 
 /* Every layer of a decode step for n sequences, one new token each, then the final norm: hidden states
  * h [n, dim] in place. rot: RoPE's rotations of every position up to the largest one, [.., head_dim/2, 2].
- * Cache layer l: kc[l], vc[l] = [slots, n_kv_heads, alloc, head_dim]; position p is stored at index
- * p % capacity of its sequence's slot (alloc >= min(p + 1, capacity)). Written first, then attended: with
+ * Cache layer l: kc[l], vc[l] = [slots, n_kv_heads, alloc, head_dim] in fp32, or fp16 when `half`; position
+ * p is stored at index p % capacity of its sequence's slot (alloc >= min(p + 1, capacity)). Written first,
+ * then attended: with
  * the engine's cache every stored entry of a sequence is inside its window (capacity <= window, or the
  * cache refuses to outgrow capacity), so the query attends entries 0 .. min(p + 1, capacity) - 1. */
-void gale_decode(const gale_dims *c, const gale_layer *layers, float *const *kc, float *const *vc, int64_t alloc,
-                 int64_t capacity, int64_t n, const int64_t *slots, const int64_t *positions, const float *rot,
-                 const float *norm, float *h, int threads) {
+void gale_decode(const gale_dims *c, const gale_layer *layers, void *const *kc, void *const *vc, int half,
+                 int64_t alloc, int64_t capacity, int64_t n, const int64_t *slots, const int64_t *positions,
+                 const float *rot, const float *norm, float *h, int threads) {
     int64_t dim = c->dim, hd = c->head_dim, H = c->n_heads, KV = c->n_kv_heads, group = H / KV;
     int64_t qd = H * hd, kd = KV * hd, big = c->hidden > dim ? c->hidden : dim;
     float *xn = malloc(sizeof(float) * n * big), *q = malloc(sizeof(float) * n * qd);
@@ -730,8 +796,8 @@ void gale_decode(const gale_dims *c, const gale_layer *layers, float *const *kc,
         for (int64_t s = 0; s < n; s++)
             for (int64_t kh = 0; kh < KV; kh++) {
                 int64_t at = ((slots[s] * KV + kh) * alloc + positions[s] % capacity) * hd;
-                memcpy(kc[l] + at, k + (s * KV + kh) * hd, sizeof(float) * hd);
-                memcpy(vc[l] + at, v + (s * KV + kh) * hd, sizeof(float) * hd);
+                kv_store(kc[l], at, k + (s * KV + kh) * hd, hd, half);
+                kv_store(vc[l], at, v + (s * KV + kh) * hd, hd, half);
             }
         /* Flash-decoding: an item is (sequence, KV head, key range) and serves the whole query group, so
          * each K/V row is read once per group and the threads get equal shares; ranges merge below. */
@@ -740,18 +806,13 @@ void gale_decode(const gale_dims *c, const gale_layer *layers, float *const *kc,
             int64_t s = it / (KV * parts), kh = it / parts % KV, p = it % parts;
             int64_t keys = positions[s] + 1 < capacity ? positions[s] + 1 : capacity;
             int64_t first = keys * p / parts, len = keys * (p + 1) / parts - first;
-            const float *kb = kc[l] + ((slots[s] * KV + kh) * alloc + first) * hd;
-            const float *vb = vc[l] + ((slots[s] * KV + kh) * alloc + first) * hd;
+            int64_t at = ((slots[s] * KV + kh) * alloc + first) * hd, size = half ? 2 : 4;
+            const char *kb = (const char *)kc[l] + at * size, *vb = (const char *)vc[l] + at * size;
             float *sc = scores_buf + omp_get_thread_num() * capacity;
             for (int64_t hq = kh * group; hq < (kh + 1) * group; hq++) {
                 int64_t row = (s * H + hq) * parts + p;
-                float mx = -INFINITY, sum;
-                scores(q + (s * H + hq) * hd, kb, len, hd, scale, sc);
-                for (int64_t j = 0; j < len; j++) mx = sc[j] > mx ? sc[j] : mx;
-                sum = exp_shifted(sc, len, mx);
-                weighted_sum(sc, vb, len, hd, part_out + row * hd); /* zeros when len == 0 */
-                part_max[row] = mx;
-                part_sum[row] = sum;
+                attend_range(q + (s * H + hq) * hd, kb, vb, len, hd, scale, sc, part_out + row * hd, part_max + row,
+                             part_sum + row, half);
             }
         }
         for (int64_t sh = 0; sh < n * H; sh++) { /* merge the ranges' softmaxes (empty ranges weigh 0) */
