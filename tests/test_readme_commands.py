@@ -119,7 +119,7 @@ CHECKS: dict[str, Check] = {
     "sky launch": Check("elsewhere", why="a cloud account"),
     "python benchmarks/scoring.py": Check("script", "--questions 2 --shots 1 --threads 1"),
     "pip install -e .[harness]": Check("extra"),
-    "python benchmarks/finetune_demo.py": Check("script", "--steps 1 --max-tokens 2"),
+    "python benchmarks/finetune_demo.py": Check("script", "--steps 1 --max-tokens 2 --threads 1"),
     "pip install -e .[bench]": Check("extra"),
     "python benchmarks/cpu.py --threads 2 --repeats 1 --engines": Check("parse", why="a 4 GB synthetic model"),
 }
