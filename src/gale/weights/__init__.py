@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import unittest.mock
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -72,9 +73,8 @@ def load_model(checkpoint: str | Path | Checkpoint, *, device: str | torch.devic
         if str(device) != "cpu" or dtype != torch.float32:
             raise ValueError(f"quantize={quantize!r} runs on the CPU kernels in fp32, not on {device} in {dtype}")
         ckpt, keep_quantized = quantized_view(ckpt, quantize), True
-    with torch.device("meta"):
-        model = Transformer(ckpt.args).to(dtype)
-    ckpt.validate(model_shapes(ckpt.args))
+    model = meta_model(ckpt.args).to(dtype)
+    ckpt.validate({n: tuple(p.shape) for n, p in model.named_parameters()})
     on_kernels = keep_quantized and str(device) == "cpu" and dtype == torch.float32
     quantized = _keep_quantized(model, ckpt, progress, "quantizing" if quantize else "mapping") if on_kernels else set()
     model = model.to_empty(device=device)
@@ -91,11 +91,17 @@ def load_model(checkpoint: str | Path | Checkpoint, *, device: str | torch.devic
     return model.eval().requires_grad_(False)
 
 
+def meta_model(args: ModelArgs) -> Transformer:
+    """The model of `args` on the meta device (no memory), its random initialization skipped: every weight is
+    about to be read, and nn.Embedding's `normal_` on a meta tensor costs a first-call import of torch's Python
+    decompositions (~1.5 s of every load)."""
+    with torch.device("meta"), unittest.mock.patch.object(torch.nn.init, "normal_", lambda t, *_, **__: t):
+        return Transformer(args)
+
+
 def model_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of the model of `args` (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+    return {n: tuple(p.shape) for n, p in meta_model(args).named_parameters()}
 
 
 def _progress(items: Iterable[T], total: int, desc: str, show: bool) -> Iterable[T]:
