@@ -85,9 +85,11 @@ def harness_model() -> type:
             kw = normalize_gen_kwargs(dict(gen_kwargs), 256)
             until = handle_stop_sequences(kw.pop("until", None), eos=_piece(tok, tok.eos_id))
             max_gen = int(kw.pop("max_gen_toks"))
-            sampling = {"temperature": float(kw.get("temperature", 0.0))} if kw.get("do_sample") else {
-                "temperature": 0.0}
-            if kw.get("do_sample") and "top_p" in kw:
+            if max_gen >= self.max_length:  # hf asserts the same
+                raise ValueError(f"max_gen_toks {max_gen} leaves no room for a context in max_length {self.max_length}")
+            sample = bool(kw.get("do_sample"))
+            sampling = {"temperature": float(kw.get("temperature", 0.0)) if sample else 0.0}
+            if sample and "top_p" in kw:
                 sampling["top_p"] = float(kw["top_p"])
             ids = [encode_text(tok, p, self.add_bos_token)[-(self.max_length - max_gen):] for p in prompts]
             done = self.lm.generate_ids(ids, max_tokens=max_gen, seed=0, stop=until, **sampling)
