@@ -52,8 +52,8 @@ def hostile(port: int, tmp_path) -> dict[str, str]:
         "socket": f"import socket\ns = socket.SocketType()  # the class itself: the guard only replaced names\n"
                   f"s.settimeout(2)\ns.connect(('127.0.0.1', {port}))",
         "python_c": f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {connect!r}], check=True)",
-        "curl": f"import subprocess\nr = subprocess.run(['curl', '-s', '-m', '2', 'http://127.0.0.1:{port}/'])\n"
-                "assert r.returncode in (0, 52)  # 52: connected, empty reply",
+        "curl": f"import subprocess\nr = subprocess.run(['curl', '-s', '-m', '3', 'http://127.0.0.1:{port}/'])\n"
+                "assert r.returncode in (0, 28, 52)  # connected: 52 an empty reply, 28 no reply in time (not 7)",
         "write_outside": f"open({outside!r}, 'w').write('pwned')",
         "read_secret": f"assert open({secret!r}).read() == 's3cret'",
         "fork_bomb": "import os, time\nfor _ in range(200):\n    if os.fork() == 0:\n"
@@ -95,7 +95,10 @@ def test_the_guards_alone_keep_the_run_going_and_warn(listener, tmp_path, monkey
         ["import socket\nsocket.create_connection(('127.0.0.1', 9))"], isolation="guard")[0].status
     # What the guards do not stop, and bwrap does (tested above): another interpreter's sockets, writes anywhere.
     curl = shutil.which("curl") is not None
-    assert results["socket"].passed and results["python_c"].passed and results["curl"].passed == curl
+    assert results["socket"].passed and results["python_c"].passed and results["curl"].passed == curl, results
+    deadline = time.time() + 10
+    while len(hits) < 2 + curl and time.time() < deadline:  # the listener accepts in its own time under load
+        time.sleep(0.1)
     assert len(hits) == 2 + curl
     assert results["write_outside"].passed and (tmp_path / "outside.txt").exists() and results["read_secret"].passed
 
