@@ -27,6 +27,7 @@ from gale.quant import (
     QuantLinear,
     kernels,
 )
+from gale.quantize import quantize as quantize_blocks
 
 pytestmark = pytest.mark.skipif(kernels() is None, reason="no C compiler for the kernels")
 
@@ -191,8 +192,7 @@ def quantized(model: Transformer, kind: str) -> Transformer:
         for name in PROJECTIONS:
             parent, _, attr = name.rpartition(".")
             weight = block.get_submodule(name).weight.detach()
-            raw = quantize(weight.numpy(), GGMLQuantizationType[kind]) if kind not in K_KINDS else \
-                blocks(kind, *weight.shape, seed=weight.shape[0])
+            raw = quantize_blocks(weight, kind)  # llama.cpp's quantizers (gale's C ports)
             setattr(block.get_submodule(parent), attr, QuantLinear.from_gguf(kind, raw, *weight.shape))
     assert DecodeKernel.supports(q)
     q.decode_kernel = DecodeKernel(q)
@@ -254,6 +254,45 @@ def check_one_call_decode(kind: str, heads: int, kv_heads: int, head_dim: int, w
         # (an fp16 cache: one ulp, 2^-10 of the largest, where near-equal inputs round to neighbours)
         step = tolerance / 10 if kv_dtype == torch.float32 else 2**-10
         torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=step * max(1.0, b.abs().max().item()))
+
+
+def dequantize_into(plain: Transformer, model: Transformer) -> Transformer:
+    """`plain` (the model `model` was quantized from) given `model`'s dequantized weights: the fp32 model a GGUF
+    loads as without the kernels."""
+    for mine, theirs in zip(plain.layers, model.layers):
+        for name in PROJECTIONS:
+            mine.get_submodule(name).weight.data = theirs.get_submodule(name).dequantized()
+    return plain
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kernel_logits_equal_the_dequantized_models(kind):
+    """Every kind, every path (a 65-token prefill: GEMM; decode batches of 1, 3, 9 and 65 sequences: the integer
+    and fp32 paths and the one-call decode) through window wraps: logits within 1e-3 of the largest of the
+    dequantized fp32 model's, same greedy tokens wherever the top two differ by more than twice that."""
+    torch.manual_seed(0)
+    wide = 256 if kind in K_KINDS else 64
+    args = ModelArgs(dim=wide, n_layers=2, head_dim=wide // 4, hidden_dim=2 * wide, n_heads=4, n_kv_heads=2,
+                     vocab_size=64, sliding_window=4, max_seq_len=128)
+    base = Transformer(args).eval()
+    fast = quantized(base, kind)
+    slow = dequantize_into(base, fast)
+    g = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        for batch in (1, 3, 9, 65):
+            caches = [RollingCache(args, batch), RollingCache(args, batch)]
+            prompt = torch.randint(0, 64, (batch * 6,), generator=g)
+            tokens = torch.randint(0, 64, (batch,), generator=g)
+            for step in range(8):  # a 6-token prompt each, then decode past the window of 4
+                metas = [c.prepare(list(range(batch)), [6] * batch if step == 0 else [1] * batch) for c in caches]
+                x = prompt if step == 0 else tokens
+                got, ref = (m(x, meta, c) for m, meta, c in zip((fast, slow), metas, caches))
+                atol = 1e-3 * ref.abs().max().item()
+                torch.testing.assert_close(got, ref, rtol=0, atol=atol)
+                top2 = ref.topk(2, dim=-1).values
+                clear = top2[..., 0] - top2[..., 1] > 2 * atol  # greedy picks not decided by the tolerance itself
+                assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
+                tokens = ref.reshape(batch, -1, 64)[:, -1].argmax(-1)
 
 
 def test_one_call_decode_declines_a_cache_it_cannot_read():
