@@ -25,20 +25,12 @@ import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cpu import gale_single, median  # noqa: E402 - the sibling benchmark's measurements
+from cpu import gale_single, median, rss_mb  # the sibling benchmark's measurements
 
 SHAPE = dict(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8, vocab_size=32000,
              sliding_window=4096, max_seq_len=8192, rope_theta=10000.0)
 FTYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
 PROMPT = "The history of computing is a story of ideas, machines and people. "
-
-
-def rss_mb() -> float:
-    """Peak RSS of this process (VmHWM: reset by exec, unlike getrusage's, which keeps the parent's)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def random_checkpoint(layers: int):  # noqa: ANN201 - a gale Checkpoint

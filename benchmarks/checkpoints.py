@@ -19,7 +19,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import resource
 import struct
 import subprocess
 import sys
@@ -29,6 +28,9 @@ from pathlib import Path
 import torch
 
 from gale.config import ModelArgs, to_hf_config, to_params_json
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cpu import rss_mb  # noqa: E402 - the sibling benchmark's peak RSS (VmHWM)
 
 ROOT = Path.home() / ".cache" / "gale-bench" / "checkpoints"
 MISTRAL_V1 = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data/tokenizer.model.v1"
@@ -124,10 +126,6 @@ def make_llama_cpp_ggufs(official: Path, root: Path) -> dict[str, Path]:
             assert llama_cpp.llama_model_quantize(str(f16).encode(), str(path).encode(), params) == 0
         out[scheme] = path
     return out
-
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KB
 
 
 def run_one(a: argparse.Namespace) -> dict:

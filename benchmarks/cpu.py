@@ -20,7 +20,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,12 @@ SYNTH = dict(dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, hidden_dim=5632, w
 
 
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KB
+    """Peak RSS of this process in MB. VmHWM, not getrusage's ru_maxrss: that one survives exec, so a child
+    would report its parent's peak when the parent was bigger."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def median(xs: list[float]) -> float:
