@@ -30,7 +30,7 @@ import torch
 from gale.config import ModelArgs, to_hf_config, to_params_json
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cpu import rss_mb  # noqa: E402 - the sibling benchmark's peak RSS (VmHWM)
+from cpu import rss_mb
 
 ROOT = Path.home() / ".cache" / "gale-bench" / "checkpoints"
 MISTRAL_V1 = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data/tokenizer.model.v1"
@@ -132,7 +132,7 @@ def run_one(a: argparse.Namespace) -> dict:
     """One measurement, inside its own process."""
     torch.set_num_threads(a.threads)
     if a.run == "torch":
-        import gale  # noqa: F401 - the baseline includes Gale's own imports
+        import gale
 
         return {"rss_mb": rss_mb()}
     import gale

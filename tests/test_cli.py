@@ -85,7 +85,7 @@ class FakeLLM:
     def encode_chat(self, messages: list[dict], *, safe: bool = False) -> list[str]:
         return [w for m in messages for w in (m["role"], *m["content"].split())]
 
-    def stream(self, messages: list[dict], *, safe: bool = False, max_tokens: int = 256, **_):  # noqa: ANN201
+    def stream(self, messages: list[dict], *, safe: bool = False, max_tokens: int = 256, **_):
         ids = self.encode_chat(messages)
         assert len(ids) < self.engine.context_len, "the CLI sent a prompt the engine would refuse"
         self.prompts.append(messages)
@@ -122,13 +122,13 @@ def test_ctrl_c_stops_the_answer_and_the_session_goes_on(smollm2_llm, capsys):
     from gale.cli import Chat
 
     class Interrupting:  # the real model; SIGINT arrives while its third piece is being made
-        def __init__(self, llm) -> None:  # noqa: ANN001
+        def __init__(self, llm) -> None:
             self.llm = llm
 
-        def __getattr__(self, name: str):  # noqa: ANN204
+        def __getattr__(self, name: str):
             return getattr(self.llm, name)
 
-        def stream(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        def stream(self, *args, **kwargs):
             for i, piece in enumerate(self.llm.stream(*args, **kwargs)):
                 if i == 2:
                     signal.raise_signal(signal.SIGINT)

@@ -103,39 +103,50 @@ def _runs(mask: list[bool]) -> list[tuple[int, int]]:
     return runs
 
 
+def _message_weights(msgs: Any) -> list[int]:
+    """Each message's loss weight (0 or 1), after checking its shape, role and content."""
+    if not isinstance(msgs, list) or not msgs:
+        raise BadSample("'messages' must be a non-empty list")
+    weights = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise BadSample(f"message {i} is not an object")
+        if m.get("role") not in ROLES:
+            raise BadSample(f"message {i}: unknown role {m.get('role')!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise BadSample(f"message {i}: empty content")
+        if m.get("weight", 1) not in (0, 1) or isinstance(m.get("weight"), bool):
+            raise BadSample(f"message {i}: weight must be 0 or 1, got {m['weight']!r}")
+        weights.append(m.get("weight", 1))
+    if msgs[-1]["role"] != "assistant":
+        raise BadSample(f"last turn is {msgs[-1]['role']!r}, not 'assistant'")
+    return weights
+
+
+def _encode_messages(msgs: Any, encoder: Encoder) -> tuple[list[int], list[bool]]:
+    """A conversation's ids and loss mask: the assistant turns of weight 1."""
+    weights = _message_weights(msgs)
+    answer_weights = [w for m, w in zip(msgs, weights) if m["role"] == "assistant"]
+    if not any(answer_weights):
+        raise BadSample("every assistant turn has weight 0: nothing to learn")
+    try:  # the chat format has its own rules (e.g. Mistral's strict user/assistant alternation)
+        ids, mask = encoder.chat([{"role": m["role"], "content": m["content"]} for m in msgs])
+    except ValueError as e:
+        raise BadSample(f"chat format: {e}") from e
+    runs = _runs(mask)
+    if len(runs) != len(answer_weights):
+        raise BadSample(f"chat format gave {len(runs)} answer spans for {len(answer_weights)} assistant turns")
+    for (a, b), w in zip(runs, answer_weights):
+        mask[a:b] = [bool(w)] * (b - a)
+    return ids, mask
+
+
 def encode_record(obj: Any, encoder: Encoder, max_inputs: int) -> tuple[list[int], list[bool]]:
     """Validate one parsed line and tokenize it; raises BadSample with the reason."""
     if not isinstance(obj, dict):
         raise BadSample("not a JSON object")
     if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise BadSample("'messages' must be a non-empty list")
-        weights = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict):
-                raise BadSample(f"message {i} is not an object")
-            if m.get("role") not in ROLES:
-                raise BadSample(f"message {i}: unknown role {m.get('role')!r} (expected one of {', '.join(ROLES)})")
-            if not isinstance(m.get("content"), str) or not m["content"].strip():
-                raise BadSample(f"message {i}: empty content")
-            if m.get("weight", 1) not in (0, 1) or isinstance(m.get("weight"), bool):
-                raise BadSample(f"message {i}: weight must be 0 or 1, got {m['weight']!r}")
-            weights.append(m.get("weight", 1))
-        if msgs[-1]["role"] != "assistant":
-            raise BadSample(f"last turn is {msgs[-1]['role']!r}, not 'assistant'")
-        answer_weights = [w for m, w in zip(msgs, weights) if m["role"] == "assistant"]
-        if not any(answer_weights):
-            raise BadSample("every assistant turn has weight 0: nothing to learn")
-        try:  # the chat format has its own rules (e.g. Mistral's strict user/assistant alternation)
-            ids, mask = encoder.chat([{"role": m["role"], "content": m["content"]} for m in msgs])
-        except ValueError as e:
-            raise BadSample(f"chat format: {e}") from e
-        runs = _runs(mask)
-        if len(runs) != len(answer_weights):
-            raise BadSample(f"chat format gave {len(runs)} answer spans for {len(answer_weights)} assistant turns")
-        for (a, b), w in zip(runs, answer_weights):
-            mask[a:b] = [bool(w)] * (b - a)
+        ids, mask = _encode_messages(obj["messages"], encoder)
     elif "text" in obj:
         if not isinstance(obj["text"], str) or not obj["text"].strip():
             raise BadSample("empty text")

@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -138,11 +139,11 @@ class LLM:
     def encode_chat(self, messages: Messages, *, safe: bool = False) -> list[int]:
         return encode_chat(self.tokenizer, messages, safe=safe)
 
-    def generate_ids(self, prompts: list[list[int]], **sampling) -> list[Completion]:
+    def generate_ids(self, prompts: list[list[int]], **sampling: Any) -> list[Completion]:
         params = self._params(sampling)
         return self.engine.generate(prompts, [params] * len(prompts))
 
-    def generate(self, prompt: str | list[str], **sampling) -> Completion | list[Completion]:
+    def generate(self, prompt: str | list[str], **sampling: Any) -> Completion | list[Completion]:
         """Complete raw text. Sampling keywords are SamplingParams fields (max_tokens, temperature, ...)."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if any(not p for p in prompts):
@@ -151,7 +152,7 @@ class LLM:
         return out[0] if isinstance(prompt, str) else out
 
     def chat(
-        self, messages: Messages | list[Messages], *, safe: bool = False, **sampling
+        self, messages: Messages | list[Messages], *, safe: bool = False, **sampling: Any
     ) -> Completion | list[Completion]:
         """Answer one conversation (a list of {role, content}) or a list of them; `safe` adds the guardrail."""
         if not messages:
@@ -161,7 +162,7 @@ class LLM:
         out = self.generate_ids([self.encode_chat(m, safe=safe) for m in convs], **sampling)
         return out[0] if single else out
 
-    def stream(self, prompt: str | Messages, *, safe: bool = False, **sampling) -> Generator[str, None, str]:
+    def stream(self, prompt: str | Messages, *, safe: bool = False, **sampling: Any) -> Generator[str, None, str]:
         """Yield text pieces as they are generated; a str is raw text, a list of messages is a chat.
 
         The generator returns the finish reason ("stop" or "length", as StopIteration.value), so a caller can say

@@ -23,7 +23,8 @@ TokenText = Callable[[int], str]  # a token's own text (the tokenizer's token_te
 class APIError(Exception):
     """An error a route returns to its client: HTTP status, message, the offending request field, OpenAI's type."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
 

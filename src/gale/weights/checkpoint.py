@@ -67,5 +67,5 @@ class Checkpoint:
                 yield name, self.read(name)
             except CheckpointError:
                 raise
-            except Exception as e:  # noqa: BLE001 - any reader failure becomes a named, clear error
+            except Exception as e:
                 raise CheckpointError(f"{self.files[name]}: cannot read tensor {name}: {e}") from e
