@@ -107,6 +107,7 @@ CHECKS: dict[str, Check] = {
         Check("parse", why="FastChat's files, a judge and 7B; tests/test_eval_mtbench.py runs it end to end"),
     "gale eval compare TASK --data TASK=PATH": Check("elsewhere", why="tests/test_eval_compare.py runs it"),
     '.venv/bin/gale chat "MESSAGE" --moderate [THRESHOLD]': Check("run", TINY),
+    ".venv/bin/python benchmarks/big.py --threads 2": Check("parse", why="~30 GB of files, llama.cpp's quantizer"),
     ".venv/bin/python benchmarks/attention.py": Check("script", "--tokens 64 --window 16 --decode-steps 2"),
     "python benchmarks/cpu.py --threads 2 --repeats 3 --no-synth":
         Check("script", "--threads 1 --repeats 1 --engines gale --prompt-tokens 16 --decode-tokens 2 --batches"),
