@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import subprocess
 import sys
 import time
 import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cpu import gale_single, median, rss_mb  # the sibling benchmark's measurements
+from cpu import gale_single, median, rss_mb, run_json  # the sibling benchmark's measurements
 
 SHAPE = dict(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8, vocab_size=32000,
              sliding_window=4096, max_seq_len=8192, rope_theta=10000.0)
@@ -217,11 +216,7 @@ def spawn(a: argparse.Namespace, engine: str, model: Path | None) -> dict:
     if model:
         cmd += ["--model", str(model)]
     print(f"  {engine} on {model.name if model else '-'} ...", file=sys.stderr, flush=True)
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode or not lines:
-        return {"error": f"exit {p.returncode}: " + " | ".join((p.stderr or p.stdout).strip().splitlines()[-3:])}
-    return json.loads(lines[-1])
+    return run_json(cmd)
 
 
 def table(results: dict[str, dict[str, dict]], base: dict, per_token: dict[str, int]) -> str:

@@ -20,7 +20,6 @@ import importlib.util
 import json
 import os
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from gale.config import ModelArgs, to_hf_config, to_params_json
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cpu import rss_mb
+from cpu import rss_mb, run_json
 
 ROOT = Path.home() / ".cache" / "gale-bench" / "checkpoints"
 MISTRAL_V1 = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data/tokenizer.model.v1"
@@ -160,11 +159,7 @@ def spawn(a: argparse.Namespace, run: str, model: Path | None = None, quantize: 
     cmd = [sys.executable, __file__, "--run", run, "--threads", str(a.threads), "--decode-tokens",
            str(a.decode_tokens), "--quantize", quantize, *(["--model", str(model)] if model else [])]
     print(f"  {run} {model.name if model else ''} {quantize} ...", file=sys.stderr, flush=True)
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode or not lines:
-        return {"error": f"exit {p.returncode}: " + " | ".join((p.stderr or p.stdout).strip().splitlines()[-3:])}
-    return json.loads(lines[-1])
+    return run_json(cmd)
 
 
 def main() -> None:

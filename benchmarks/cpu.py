@@ -330,12 +330,19 @@ def spawn(a: argparse.Namespace, name: str, job_file: str) -> dict:
            "--batches", *map(str, a.batches)]
     print(f"  running {name} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
+    out = run_json(cmd)
+    if "error" not in out:
+        print(f"  {name} done in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+    return out
+
+
+def run_json(cmd: list[str]) -> dict:
+    """A worker process's last JSON line, or {"error": its exit status and last lines of output}."""
     p = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode or not lines:
         tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
         return {"error": f"exit {p.returncode}: " + " | ".join(tail)}
-    print(f"  {name} done in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     return json.loads(lines[-1])
 
 
