@@ -107,6 +107,8 @@ CHECKS: dict[str, Check] = {
         Check("parse", why="FastChat's files, a judge and 7B; tests/test_eval_mtbench.py runs it end to end"),
     "gale eval compare TASK --data TASK=PATH": Check("elsewhere", why="tests/test_eval_compare.py runs it"),
     '.venv/bin/gale chat "MESSAGE" --moderate [THRESHOLD]': Check("run", TINY),
+    "python benchmarks/soak.py --clients 64 --seconds 60 --max-tokens 16":
+        Check("parse", why="a minute of load; tests/test_server_faults.py and test_server_fuzz.py check the same"),
     ".venv/bin/python benchmarks/big.py --threads 2": Check("parse", why="~30 GB of files, llama.cpp's quantizer"),
     ".venv/bin/python benchmarks/attention.py": Check("script", "--tokens 64 --window 16 --decode-steps 2"),
     "python benchmarks/cpu.py --threads 2 --repeats 3 --no-synth":
