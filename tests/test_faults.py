@@ -3,7 +3,7 @@ own sequences, and the engine goes on serving the others exactly as if they had 
 
 import pytest
 import torch
-from test_engine import ARGS, PROMPTS, CharTokenizer, reference_greedy
+from test_engine import ARGS, PROMPTS, CharTokenizer, random_model, reference_greedy
 
 from gale.engine import Engine, SequenceFailed, Status
 from gale.lora import LoraConfig, apply_lora, merge_lora
@@ -16,12 +16,7 @@ GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def model(one_thread):
-    torch.manual_seed(0)
-    m = Transformer(ARGS).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    return m
+    return random_model()
 
 
 def engine(model, **kw) -> Engine:

@@ -9,15 +9,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from gale.cache import RollingCache
 from gale.config import ModelArgs
 from gale.model import Transformer
 from gale.quant import (
-    BLOCK_BYTES,
-    BLOCK_ELEMS,
     GEMM_MIN_VECTORS,
     GEMV_MAX_VECTORS,
     KINDS,
@@ -42,7 +40,7 @@ def blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     if kind not in K_KINDS:
         return quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
-    width, size = BLOCK_ELEMS[kind], BLOCK_BYTES[kind]
+    width, size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (rows, cols // width, size), dtype=np.uint8)
     scales = (rng.uniform(0.5, 1.5, (rows, cols // width, 2)) / (200 * cols**0.5)).astype(np.float16).view(np.uint8)
     if kind == "Q6_K":
@@ -62,7 +60,7 @@ def single_vector_bound(x: torch.Tensor, w: torch.Tensor, kind: str) -> torch.Te
     """What the integer path (one vector; the K-quants' batches) guarantees: each activation is held to 2^-16
     of its group's largest value (error <= max / 65024 each), so |error| <= sum_groups max|x_g| sum_(j in g)
     |w_j| / 65024, plus fp32 summation noise."""
-    group = BLOCK_ELEMS[kind]
+    group = GGML_QUANT_SIZES[GGMLQuantizationType[kind]][0]
     top = x.double().abs().reshape(x.shape[0], -1, group).amax(-1)  # [n, groups]
     wsum = w.double().abs().reshape(w.shape[0], -1, group).sum(-1)  # [rows, groups]
     return top @ wsum.T / 65024 * 1.001 + 1e-6 * (x.double().abs() @ w.double().abs().T)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
 from .model import rope_rotations
@@ -34,8 +35,6 @@ SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))  # compiled into 
 GEMV_MAX_VECTORS = 8  # vectors per pass of the kernel over the blocks (MAX_VECTORS)
 GEMM_MIN_VECTORS = 64  # from here on, dequantize the layer and use torch's GEMM (prefill)
 KINDS = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")  # kernels.c's GALE_Q4_0 .. GALE_Q6_K
-BLOCK_ELEMS = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}  # weights per block
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # bytes per block
 
 
 @functools.cache
@@ -129,10 +128,10 @@ class QuantLinear(nn.Module):
     def from_gguf(cls, kind: str, raw: np.ndarray, out_features: int, in_features: int) -> QuantLinear:
         if kind not in KINDS or kernels() is None:
             raise ValueError(f"no kernel for {kind} blocks (or no C compiler to build it)")
-        width = BLOCK_ELEMS[kind]
+        width, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
         if in_features % width:
             raise ValueError(f"in_features={in_features} is not a multiple of {kind}'s {width}-wide blocks")
-        size = BLOCK_BYTES[kind] * (in_features // width)
+        size = block_bytes * (in_features // width)
         if raw.size != out_features * size:
             raise ValueError(f"{kind} blocks of {raw.size} bytes for a {out_features}x{in_features} weight "
                              f"(expected {out_features * size})")
