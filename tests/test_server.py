@@ -133,6 +133,43 @@ def test_safe_prompt_adds_the_guardrail(server, smollm2_llm):
     assert safe["usage"]["prompt_tokens"] != plain["usage"]["prompt_tokens"]
 
 
+CONTINUED = [*QUESTION, {"role": "assistant", "content": "The capital of France is"}]
+
+
+def test_continue_final_message_continues_the_answer(server, smollm2_llm):
+    from gale.chat import encode_chat
+
+    body = {"model": NAME, "messages": CONTINUED, "max_tokens": 3, "temperature": 0}
+    r = httpx.post(server.url + "/v1/chat/completions", json={**body, "continue_final_message": True}, timeout=60)
+    prompt = encode_chat(smollm2_llm.tokenizer, CONTINUED, continue_final=True)
+    answer = r.json()["choices"][0]["message"]["content"]
+    assert r.json()["usage"]["prompt_tokens"] == len(prompt)
+    assert answer == smollm2_llm.generate_ids([prompt], max_tokens=3)[0].text and "Paris" in answer
+    # without it, SmolLM2's template closes the given answer and opens a new one
+    plain = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    assert plain["usage"]["prompt_tokens"] == len(encode_chat(smollm2_llm.tokenizer, CONTINUED)) > len(prompt)
+
+
+def test_continue_final_message_in_the_mistral_format(smollm2_llm):
+    """A tokenizer without a chat template speaks Mistral's [INST] format: an answer last is refused unless it is
+    continued, and the continued prompt is the whole conversation without its `</s>`."""
+    from gale.chat import encode_chat
+
+    llm = with_engine(smollm2_llm, max_seqs=2)
+    llm.tokenizer = copy.copy(llm.tokenizer)
+    llm.tokenizer.chat_template = None
+    s = Server(create_app(llm, model_name=NAME))
+    try:
+        body = {"model": NAME, "messages": CONTINUED, "max_tokens": 2, "temperature": 0}
+        r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400 and "continue_final_message" in r.json()["error"]["message"]
+        r = httpx.post(s.url + "/v1/chat/completions", json={**body, "continue_final_message": True}, timeout=60)
+        whole = encode_chat(llm.tokenizer, CONTINUED, add_generation_prompt=False)
+        assert whole[-1] == llm.tokenizer.eos_id and r.json()["usage"]["prompt_tokens"] == len(whole) - 1
+    finally:
+        s.stop()
+
+
 def test_logprobs(client):
     r = client.completions.create(model=NAME, prompt="The capital of France is", max_tokens=3, temperature=0,
                                   logprobs=2)
@@ -258,6 +295,8 @@ BAD = [
     ({"model": NAME, "messages": []}, "messages"),
     ({"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
     ({"model": NAME, "messages": [{"role": "user", "content": "hi " * 9000}]}, "messages"),
+    ({"model": NAME, "messages": QUESTION, "continue_final_message": True}, "continue_final_message"),
+    ({"model": NAME, "messages": CONTINUED, "continue_final_message": "yes"}, "continue_final_message"),
 ]
 
 

@@ -15,7 +15,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from ..chat import encode_chat, validate_messages
+from ..chat import encode_chat
 from ..llm import LLM
 from ..sampling import ParamError, SamplingParams, TokenLogprob
 from ..scoring import prompt_logprobs
@@ -164,12 +164,7 @@ async def completion_choices(st: ServerState, req: CompletionRequest, prompts: l
 @openai.post("/v1/chat/completions")
 async def chat_completions(req: ChatRequest, request: Request, st: State):  # noqa: ANN201
     check_model(st, req)
-    messages = [m.model_dump() for m in req.messages]
-    try:
-        validate_messages(messages, alternate=st.tok.chat_template is None)
-        prompt = encode_chat(st.tok, messages, safe=req.safe_prompt)
-    except ValueError as e:
-        raise APIError(400, str(e), "messages") from None
+    prompt = chat_prompt(st, req)
     k = (req.top_logprobs or 0) if req.logprobs else None
     handles = submit(st, [prompt], req, None, k, "messages")
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": st.model_name}
@@ -186,6 +181,23 @@ async def chat_completions(req: ChatRequest, request: Request, st: State):  # no
     results = await collect(st, request, handles)
     return {**base, "object": "chat.completion", "usage": fmt.usage(results, [prompt]),
             "choices": [fmt.chat_choice(i, u, piece, req.logprobs) for i, u in enumerate(results)]}
+
+
+def chat_prompt(st: ServerState, req: ChatRequest) -> list[int]:
+    """The conversation's prompt; `continue_final_message` continues the last message, which must be an answer
+    (in the Mistral format without its `</s>`, as mistral-common's continue mode)."""
+    messages = [m.model_dump() for m in req.messages]
+    last = len(messages) - 1
+    if req.continue_final_message and messages[-1]["role"] != "assistant":
+        raise APIError(400, f"continue_final_message continues the last message, which must be an assistant's "
+                       f"answer; message {last} is a {messages[-1]['role']!r} message", "continue_final_message")
+    if st.tok.chat_template is None and messages[-1]["role"] == "assistant" and not req.continue_final_message:
+        raise APIError(400, f"message {last} (assistant) ends the conversation: end with a user message, or set "
+                       "continue_final_message to continue that answer", "messages")
+    try:
+        return encode_chat(st.tok, messages, safe=req.safe_prompt, continue_final=req.continue_final_message)
+    except ValueError as e:
+        raise APIError(400, str(e), "messages") from None
 
 
 @openai.post("/v1/moderations")

@@ -47,6 +47,7 @@ class ChatRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     safe_prompt: bool = False
+    continue_final_message: bool = False  # vLLM's and transformers' name; mistral-common's continue mode
 
 
 class ModerationRequest(BaseModel):
