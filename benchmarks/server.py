@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -22,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 
@@ -35,6 +37,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def gale_serve(args: list[str], model: str | None = None, env: dict[str, str] | None = None,
+               ) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`gale serve ARGS` on a free loopback port, once /health answers 200: its URL and process (soak.py's too).
+    SIGTERM when the block ends, so the process's returncode is its drained exit status."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "gale.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args,
+           *(["--model", model] if model else [])]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, server)
+        yield url, server
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def wait_ready(url: str, server: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and server.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    sys.exit("server did not start")
+
+
 async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int, tag: str) -> tuple[float, float, int]:
     """(latency s, time to first token s, completion tokens) of one streamed greedy chat request."""
     content = (tag.format(i=i) + " " if tag else "") + QUESTIONS[i % len(QUESTIONS)]
@@ -42,17 +74,21 @@ async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int, tag: s
             "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True}
     start, first, tokens = time.perf_counter(), None, 0
+    async for chunk in sse_chunks(client, body):
+        if first is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+            first = time.perf_counter() - start
+        if chunk.get("choices") and chunk["choices"][0].get("finish_reason") == "length":
+            tokens = max_tokens  # EOS is ignored, so every request runs to max_tokens
+    return time.perf_counter() - start, first or 0.0, tokens
+
+
+async def sse_chunks(client: httpx.AsyncClient, body: dict) -> AsyncIterator[dict]:
+    """The JSON chunks of a streamed chat completion; closing the generator early (contextlib.aclosing) hangs up."""
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if first is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - start
-            if chunk.get("choices") and chunk["choices"][0].get("finish_reason") == "length":
-                tokens = max_tokens  # EOS is ignored, so every request runs to max_tokens
-    return time.perf_counter() - start, first or 0.0, tokens
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
 
 
 async def level(url: str, concurrency: int, n: int, max_tokens: int, tag: str) -> dict[str, float]:
@@ -85,31 +121,12 @@ def main() -> None:
     p.add_argument("--distinct", action="store_true",
                    help="open every question with its request number: only the chat template's start is shared")
     a = p.parse_args()
-    port = free_port()
-    cmd = [sys.executable, "-m", "gale.cli", "serve", "--port", str(port), "--served-model-name", "bench",
-           "--max-seqs", str(a.max_seqs), "--max-queue", str(max(a.levels) * 2),
-           "--prefix-cache", str(a.prefix_cache)] + (["--model", a.model] if a.model
-                                                                                    else [])
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
-    server = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or server.poll() is not None:
-                sys.exit("server did not start")
-            time.sleep(0.5)
+    args = ["--served-model-name", "bench", "--max-seqs", str(a.max_seqs), "--max-queue", str(max(a.levels) * 2),
+            "--prefix-cache", str(a.prefix_cache)]
+    with gale_serve(args, a.model, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)}) as (url, _):
         tags = [f"(request {c}-{{i}})" if a.distinct else "" for c in a.levels]
         rows = [asyncio.run(level(url, c, max(4, a.requests_per_level * c), a.max_tokens, t))
                 for c, t in zip(a.levels, tags)]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     print(f"gale serve, max-seqs {a.max_seqs}, prefix cache {a.prefix_cache} tokens"
           f"{', distinct questions' if a.distinct else ''}, {a.max_tokens} new tokens "
           "per request (greedy, EOS ignored), "

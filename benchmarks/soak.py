@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import contextlib
 import os
 import random
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from server import gale_serve, sse_chunks  # the serving benchmark's server start and stream reader
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain what a CPU cache is.",
              "Give me three tips for learning Python.", "Why is the sky blue?", "What is 17 times 23?",
@@ -31,12 +33,6 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
 HOSTILE = [{"seed": 2**64}, {"temperature": 1e-30}, {"top_k": True}, {"n": 1000}, {"stop": ["x"] * 100},
            {"max_tokens": "many"}, {"top_p": -1}, {"messages": [{"role": "wizard", "content": "hi"}]},
            {"logprobs": True, "top_logprobs": 99}, {"ignore_eos": 1}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -52,12 +48,8 @@ def body(q: int, max_tokens: int, **extra: object) -> dict:
 async def streamed_text(client: httpx.AsyncClient, payload: dict, stop_after: int | None = None) -> str | None:
     """The streamed answer's text; None when the stream was abandoned after `stop_after` chunks on purpose."""
     text = []
-    async with client.stream("POST", "/v1/chat/completions", json=payload) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+    async with contextlib.aclosing(sse_chunks(client, payload)) as chunks:
+        async for chunk in chunks:
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
             text.append(chunk["choices"][0]["delta"].get("content", ""))
@@ -127,39 +119,19 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--max-seqs", type=int, default=16)
     a = p.parse_args()
-    port = free_port()
-    cmd = [sys.executable, "-m", "gale.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", "soak", "--max-seqs", str(a.max_seqs), "--max-queue", str(2 * a.clients)]
-    server = subprocess.Popen(cmd + (["--model", a.model] if a.model else []), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, server)
+    args = ["--served-model-name", "soak", "--max-seqs", str(a.max_seqs), "--max-queue", str(2 * a.clients)]
+    with gale_serve(args, a.model) as (url, server):
         reference = [asyncio.run(one(url, q, a.max_tokens)) for q in range(len(QUESTIONS))]  # one at a time
         tally, rss0, rss1 = asyncio.run(soak(url, a, reference, server.pid))
         time.sleep(1)
         m = metrics(url)
-    finally:
-        server.terminate()
-        code = server.wait(timeout=60)
+    code = server.returncode
     report(a, tally, rss0, rss1, m, code)
 
 
 async def one(url: str, q: int, max_tokens: int) -> str:
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         return await streamed_text(client, body(q, max_tokens))
-
-
-def wait_ready(url: str, server: subprocess.Popen) -> None:
-    deadline = time.time() + 300
-    while time.time() < deadline and server.poll() is None:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    sys.exit("server did not start")
 
 
 def report(a: argparse.Namespace, t: Tally, rss0: float, rss1: float, m: dict[str, float], code: int) -> None:

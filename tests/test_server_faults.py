@@ -89,15 +89,20 @@ def test_a_failing_step_fails_its_requests_and_the_server_keeps_serving(server, 
     assert "gale_requests_failed_total 1" in metrics
 
 
-def test_a_stopped_engine_thread_makes_the_server_unhealthy_and_exit(smollm2_llm):
-    llm = with_engine(smollm2_llm, max_seqs=2)
-    app = create_app(llm, model_name=NAME)
-    gs = GracefulServer(app, host="127.0.0.1", port=free_port(), log_level="warning")
+def start_graceful(llm, **kw) -> tuple[GracefulServer, threading.Thread, str]:
+    """`serve`'s own server (SIGTERM drain, exit status) on a thread: the server, its thread and its URL."""
+    gs = GracefulServer(create_app(llm, model_name=NAME), host="127.0.0.1", port=free_port(), log_level="warning",
+                        **kw)
     thread = threading.Thread(target=gs.run, daemon=True)
     thread.start()
     while not gs.started:
         time.sleep(0.05)
-    url = f"http://127.0.0.1:{gs.config.port}"
+    return gs, thread, f"http://127.0.0.1:{gs.config.port}"
+
+
+def test_a_stopped_engine_thread_makes_the_server_unhealthy_and_exit(smollm2_llm):
+    llm = with_engine(smollm2_llm, max_seqs=2)
+    gs, thread, url = start_graceful(llm)
 
     def broken_step():
         raise SystemError("bug in the scheduler")
@@ -110,13 +115,7 @@ def test_a_stopped_engine_thread_makes_the_server_unhealthy_and_exit(smollm2_llm
 
 
 def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(smollm2_llm):
-    app = create_app(with_engine(smollm2_llm, max_seqs=2), model_name=NAME)
-    gs = GracefulServer(app, host="127.0.0.1", port=free_port(), log_level="warning", drain_timeout=60)
-    thread = threading.Thread(target=gs.run, daemon=True)
-    thread.start()
-    while not gs.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{gs.config.port}"
+    gs, thread, url = start_graceful(with_engine(smollm2_llm, max_seqs=2), drain_timeout=60)
     body = chat(max_tokens=40, ignore_eos=True, stream=True)
     with httpx.stream("POST", url + CHAT, json=body, timeout=60) as r:
         lines = r.iter_lines()
@@ -131,13 +130,7 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(smollm2_llm):
 
 
 def test_sigterm_ends_what_outlives_the_drain_timeout(smollm2_llm):
-    app = create_app(with_engine(smollm2_llm, max_seqs=2), model_name=NAME)
-    gs = GracefulServer(app, host="127.0.0.1", port=free_port(), log_level="warning", drain_timeout=0.3)
-    thread = threading.Thread(target=gs.run, daemon=True)
-    thread.start()
-    while not gs.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{gs.config.port}"
+    gs, thread, url = start_graceful(with_engine(smollm2_llm, max_seqs=2), drain_timeout=0.3)
     threading.Timer(1.0, gs.handle_exit, (signal.SIGTERM, None)).start()
     r = httpx.post(url + CHAT, json=chat(max_tokens=5000, ignore_eos=True), timeout=60)
     assert r.status_code == 503 and SHUTDOWN_MESSAGE in r.json()["error"]["message"]
