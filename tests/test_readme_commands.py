@@ -125,6 +125,8 @@ CHECKS: dict[str, Check] = {
     "python benchmarks/finetune_demo.py": Check("script", "--steps 1 --max-tokens 2 --threads 1"),
     "pip install -e .[bench]": Check("extra"),
     "python benchmarks/cpu.py --threads 2 --repeats 1 --engines": Check("parse", why="a 4 GB synthetic model"),
+    "python benchmarks/gpu.py": Check("parse", why="an 80 GB GPU; tests/test_gpu_bench.py runs it on the CPU, --tiny"),
+    "python benchmarks/gpu.py --quick": Check("parse", why="an 80 GB GPU; tests/test_gpu_bench.py runs it, --tiny"),
 }
 PLACEHOLDERS = {"N": "2", "THRESHOLD": "0.5", "KEY": "secret", "PATH": "model.gguf", "ADAPTER": "run/adapter"}
 COMMANDS = readme_commands((ROOT / "README.md").read_text(encoding="utf-8"))
