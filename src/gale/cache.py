@@ -18,7 +18,7 @@ Contract (the worked example uses capacity W=4, window W=4):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,6 +48,10 @@ class BatchMeta:
     write_src: torch.Tensor | None  # [M] packed indices of the tokens whose K/V are stored
     write_slot: torch.Tensor | None  # [M] their slot
     write_idx: torch.Tensor | None  # [M] their buffer index (position % capacity)
+    starts: list[int]  # tokens each sequence held before this step (its first new position)
+    slot_ids: list[int] | None  # the slots as a list (None without a cache)
+    # gale.attention's block masks, built by the first layer of a forward and reused by the others
+    block_masks: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -155,6 +159,8 @@ def plan(
         write_src=write_src,
         write_slot=write_slot,
         write_idx=write_idx,
+        starts=list(start),
+        slot_ids=None if slots is None else list(slots),
     )
 
 
@@ -189,6 +195,8 @@ def _decode_plan(
         write_src=torch.arange(B, device=dev),
         write_slot=torch.tensor(slots, device=dev),
         write_idx=torch.remainder(positions, capacity),
+        starts=list(start),
+        slot_ids=list(slots),
     )
 
 
@@ -307,6 +315,21 @@ class RollingCache:
         """The first `buffer_len` buffer entries of the batch's slots: `[B, n_kv_heads, buffer_len, head_dim]`."""
         n, dt = meta.buffer_len, self.compute_dtype
         return self.k[layer][meta.slots, :, :n].to(dt), self.v[layer][meta.slots, :, :n].to(dt)
+
+    def history(self, layer: int, slot: int, start: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Keys and values of the last min(start, capacity) positions before `start` in position order, as at
+        most two views of the ring `[n_kv_heads, n, head_dim]` (storage dtype), oldest first.
+
+        Example: capacity 4 after 10 tokens (indices 0..3 hold positions 8, 9, 6, 7): indices 2..3 then 0..1,
+        i.e. positions 6, 7 | 8, 9. After 3 tokens: indices 0..2 (positions 0..2), one piece.
+        """
+        n = min(start, self.capacity)
+        first = (start - n) % self.capacity
+        spans = [(first, min(first + n, self.capacity))]
+        if first + n > self.capacity:
+            spans.append((0, first + n - self.capacity))
+        k, v = self.k[layer][slot], self.v[layer][slot]
+        return [k[:, a:b] for a, b in spans], [v[:, a:b] for a, b in spans]
 
     def store(self, layer: int, meta: BatchMeta, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write packed new keys/values `[N, n_kv_heads, head_dim]` to their buffer indices."""

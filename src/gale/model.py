@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .attention import QUERY_BLOCK, pays, prefill_by_blocks
 from .cache import BatchMeta, RollingCache, plan
 from .config import ModelArgs
 
@@ -60,6 +61,10 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.window = args.sliding_window
+        # Prefill chunks longer than this attend by query blocks over the keys their window reaches
+        # (gale.attention); None keeps the dense masked path for every chunk (the benchmark's baseline).
+        self.query_block: int | None = QUERY_BLOCK
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -85,14 +90,18 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q[:, :, None], keys, values, meta.mask, enable_gqa=True)
             return self.wo(out.reshape(n, -1))
 
-        keys, values = to_padded(k, meta), to_padded(v, meta)
-        if meta.buffer_len:
-            old_k, old_v = cache.keys_values(layer, meta)
-            keys, values = torch.cat((old_k, keys), dim=2), torch.cat((old_v, values), dim=2)
-        out = F.scaled_dot_product_attention(to_padded(q, meta), keys, values, meta.mask, enable_gqa=True)
+        if pays(meta, self.query_block):
+            out = prefill_by_blocks(q, k, v, meta, cache, layer, self.window, self.query_block)
+        else:
+            keys, values = to_padded(k, meta), to_padded(v, meta)
+            if meta.buffer_len:
+                old_k, old_v = cache.keys_values(layer, meta)
+                keys, values = torch.cat((old_k, keys), dim=2), torch.cat((old_v, values), dim=2)
+            out = F.scaled_dot_product_attention(to_padded(q, meta), keys, values, meta.mask, enable_gqa=True)
+            out = from_padded(out, meta)
         if cache is not None:
             cache.store(layer, meta, k, v)  # after attending: a chunk longer than the buffer overwrites itself
-        return self.wo(from_padded(out, meta))
+        return self.wo(out.reshape(n, -1))
 
 
 def to_padded(x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
