@@ -3,12 +3,12 @@ K-quants Q4_K, Q5_K, Q6_K (256-weight super-blocks: what Q4_K_M / Q5_K_M / Q6_K 
 
 Decoding one token reads every weight once, so its speed is the memory bandwidth divided by the weight
 bytes: blocks of 4.5-8.5 bits instead of fp32 make it up to 7x faster. The products are computed by small C
-kernels (gale/csrc/*.c): one vector (decode at batch 1) as integer products of the weights' own integers
-with the activations held to 15 bits in two int8 planes (llama.cpp holds them to 8, which derails small
-models), a few vectors with fp32 activations and sums; a decode step can run all layers in one call
-(DecodeKernel). They are compiled on first use with the system's C compiler into ~/.cache/gale and called
-through ctypes (no Python headers, no ninja); without a compiler, models load dequantized as before. For more
-than 64 vectors at once (prefill) a layer is unpacked to fp32 and multiplied by torch's GEMM.
+kernels (gale/csrc/*.c): one vector (decode at batch 1), and K-quant batches up to 64, as exact integer
+products of the weights' own integers with the activations held to 16 bits per group (llama.cpp holds them
+to 8, which derails small models), each row's weights widened once for four vectors; batches of the 32-wide
+kinds with fp32 activations and sums; a decode step can run all layers in one call (DecodeKernel). They are compiled on first use with the system's C compiler into ~/.cache/gale and called
+through ctypes (no Python headers, no ninja); without a compiler, models load dequantized as before. For 64
+vectors or more at once (prefill) a layer is unpacked to fp32 and multiplied by torch's GEMM.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from torch import nn
 from .model import rope_rotations
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))  # compiled into one library
-GEMV_MAX_VECTORS = 8  # vectors per pass of the kernel over the blocks (MAX_VECTORS)
-GEMM_MIN_VECTORS = 64  # from here on, dequantize the layer and use torch's GEMM (prefill)
+GEMV_MAX_VECTORS = 8  # vectors per fp32 pass of the kernel over the blocks (MAX_VECTORS)
+GEMM_MIN_VECTORS = 64  # above this many vectors, dequantize the layer and use torch's GEMM (prefill)
 KINDS = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")  # kernels.c's GALE_Q4_0 .. GALE_Q6_K
 
 

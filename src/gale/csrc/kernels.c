@@ -1,4 +1,4 @@
-/* CPU kernels over weights kept in llama.cpp's 32-wide blocks; activations and sums stay fp32.
+/* CPU kernels over weights kept in llama.cpp's blocks; sums stay exact integers or fp32.
  *
  * 1. Matrix-vector products (gale_gemv) and dequantization (gale_dequant) of one block matrix.
  * 2. gale_decode: every layer of a decode step (one new token per sequence) in one call, so a token
@@ -7,22 +7,12 @@
  *    tests compare the two.
  *
  * y[v, r] = sum_c W[r, c] * x[v, c] for a few vectors v (decode: one token per sequence), reading each
- * weight block once for all of them. Weights stay 4- or 8-bit in memory; nothing is rounded on the
- * activation side (llama.cpp rounds activations to 8 bits, which derails small models).
- *
- * Weights are read in GGUF's own block records (so a memory-mapped file is used in place, no copy), per row
- * r and block b of 32 columns:
- *   Q4_0 {fp16 d, qs[16]}, 18 bytes: W = d * q - 8 d;   Q4_1 {fp16 d, fp16 m, qs[16]}, 20 bytes: W = d * q + m;
- *   Q8_0 {fp16 d, int8 qs[32]}, 34 bytes: W = d * q.   Nibbles: low = column j, high = column j + 16.
- *
- * Several vectors (batched decode) share each block, dequantized once to fp32 in registers, by fp32 FMAs.
- * A single vector (decode at batch 1) takes an integer inner loop that keeps fp32 accuracy: each 32-block
- * of x is split as x = s * (hi + lo / 2^15) with int16 hi, lo and an fp32 scale s (~30 bits, finer than
- * the fp32 rounding of x * (1/s) itself), and both halves go through vpmaddwd with the 4/8-bit weights.
- * Measured against double-precision sums it is as exact as the fp32 path (tests/test_quant.py), and 2x
- * faster here: converting nibbles to fp32 was the cost. With sum_j W x_j = d * sum_j q x_j + m * sum_j x_j
- * the offset costs one product per block. Blocks whose largest |x| is below 1e-30 count as zeros (their
- * products are below fp32's resolution of any sum they join).
+ * weight block once for all of them. Weights stay 4- to 8-bit in memory, read in GGUF's own block records
+ * (so a memory-mapped file is used in place, no copy); the layouts are at block_weights. Activations are held
+ * to 16 bits per group of 32 or 256 columns and meet the weights' own integers in exact integer products (the
+ * "integer path" below; llama.cpp rounds them to 8 bits, which derails small models), or stay fp32 against
+ * each block dequantized once for up to MAX_VECTORS vectors (batches of the 32-wide kinds, builds without
+ * AVX2): see gemv_shared.
  */
 #include <math.h>
 #include <omp.h>
@@ -141,18 +131,30 @@ static inline float block_m(int64_t kind, const uint8_t *blk, float d) {
 
 /* Q4_K / Q5_K: the 6-bit scales and minimums of the 8 sub-blocks of 32, packed in 12 bytes (llama.cpp's
  * get_scale_min_k4): bytes 0-3 hold scales 0-3 and the top bits of scales 4-7, bytes 4-7 the same for the
- * minimums, bytes 8-11 the low nibbles of scales 4-7 (low) and minimums 4-7 (high). */
+ * minimums, bytes 8-11 the low nibbles of scales 4-7 (low) and minimums 4-7 (high). Unpacked with four
+ * 32-bit words as llama.cpp does: out's bytes 0-7 are the scales, bytes 8-15 the minimums. */
+static inline void k_scales_mins_packed(const uint8_t *packed, uint32_t out[4]) {
+    const uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
+    uint32_t u[3];
+    memcpy(u, packed, 12);
+    out[0] = u[0] & low6;
+    out[1] = (u[2] & low4) | (((u[0] >> 6) & low2) << 4);
+    out[2] = u[1] & low6;
+    out[3] = ((u[2] >> 4) & low4) | (((u[1] >> 6) & low2) << 4);
+}
+
 static inline void k_scales_mins(const uint8_t *packed, uint8_t sc[8], uint8_t m[8]) {
-    for (int j = 0; j < 4; j++) {
-        sc[j] = packed[j] & 63;
-        m[j] = packed[j + 4] & 63;
-        sc[j + 4] = (packed[j + 8] & 0x0f) | ((packed[j] >> 6) << 4);
-        m[j + 4] = (packed[j + 8] >> 4) | ((packed[j + 4] >> 6) << 4);
-    }
+    uint32_t out[4];
+    k_scales_mins_packed(packed, out);
+    memcpy(sc, out, 8);
+    memcpy(m, out + 2, 8);
 }
 
 /* A block's weights in fp32, exactly as gguf's reference dequantizers compute them (every product of an
  * fp16 scale and a small integer is exact in fp32; Q6_K rounds once, at (d * scale) * q as gguf does).
+ * Blocks of 32 (per row r and block b of 32 columns), nibbles low = column j, high = column j + 16:
+ *   Q4_0 {fp16 d, qs[16]}, 18 bytes: W = d * q - 8 d;   Q4_1 {fp16 d, fp16 m, qs[16]}, 20 bytes: W = d * q + m;
+ *   Q8_0 {fp16 d, int8 qs[32]}, 34 bytes: W = d * q.
  * Super-blocks of 256 (llama.cpp's block_q4_K/q5_K/q6_K):
  *   Q4_K {fp16 d, dmin, scales[12], qs[128]}: sub-block i of 32: W = d*sc_i * q - dmin*m_i, q in 0..15;
  *        qs[32j + l] holds column l of sub-block 2j (low nibble) and of sub-block 2j + 1 (high nibble).
@@ -222,40 +224,37 @@ static inline void unpack_q8(const int8_t *q, __m256 w[4]) {
 #ifdef GALE_AVX2
 /* ---- one vector: integer products on the weights' own integers ----
  * Each group of x (32 columns for the 32-wide kinds, 256 for the super-block kinds, matching the weights'
- * scales) is written as x = s * a with a = round(x / s) in [-32512, 32512] (s = max|x| / 32512: 16 bits,
- * error <= 2^-16 of the group's largest value) and a split into two int8 planes a = 255 hi + lo, hi and lo
- * in [-127, 127] (so |w| <= 128 times either never saturates vpmaddubsw's int16 pairs). Each plane meets
- * the weights in vpmaddubsw (unsigned weight bytes x signed activation bytes), so a block costs integer
- * instructions rather than a conversion of every weight to fp32; the planes' sums are exact int32 and the
- * scales apply once per block. llama.cpp rounds activations to 8 bits instead (one plane), which derails
- * small models; two planes keep their answers (tests/test_quant.py's quality gate on the default model). */
+ * scales) is written as x = s * a with int16 a = round(x / s) in [-32767, 32767] (s = max|x| / 32767: 16
+ * bits, error <= 2^-16 of the group's largest value). The weights' 4-8 bit integers are widened to int16 in
+ * registers (one byte unpack) and meet a in vpmaddwd, exact int32 sums of pairs: two multiplies per 32
+ * weights, and the blocks' scales apply once per 32 (Q6_K: 16) columns in fp32. llama.cpp rounds
+ * activations to 8 bits instead, which derails small models; 16 bits keep their answers
+ * (tests/test_quant.py's quality gate on the default model).
+ *
+ * Byte unpacking works within 128-bit lanes: of 32 weight bytes in column order, vpunpcklbw gives columns
+ * [0..7 | 16..23] and vpunpckhbw [8..15 | 24..31]. So each 32 columns of a are stored in that order,
+ * columns 0-7, 16-23, 8-15, 24-31: a[32 b + 8] is column 32 b + 16, a[32 b + 16] column 32 b + 8. The
+ * product's int32 lanes 0-3 then sum columns 0-15 and lanes 4-7 columns 16-31 (Q6_K's two scales). */
 typedef struct {
-    int8_t *hi, *lo;   /* [cols] */
+    int16_t *a;        /* [cols], each 32 columns in unpack order */
     float *scale;      /* [groups]: s */
-    float *sum;        /* [groups]: s * sum(a), the block sums the offsets of Q4_0 / Q4_1 multiply */
-    int32_t *sum16;    /* [cols / 16]: sum(a) of each 16 columns (the super-block kinds' minimums, Q6_K's -32) */
-    int32_t *minus8;   /* [groups][8]: {-8 sum(a), 0, ..}: Q4_0's offset added to a block's integer lanes */
+    float *sum;        /* [cols / 32]: s * sum(a) of each 32 columns, what Q4_1's offsets multiply */
+    int32_t *sum16;    /* [cols / 16]: sum(a) of each 16 columns (Q6_K's -32) */
+    int32_t *sum32;    /* [cols / 32]: sum(a) of each 32 columns (Q4_K / Q5_K's minimums) */
 } gale_xq;
 
-#define XQ_MAX 32512.f
-#define XQ_BASE 255
+#define XQ_MAX 32767.f
+#define XQ_VECTORS 4 /* vectors per pass over a row: their accumulators fill the 16 registers */
 
 static void xq_alloc(gale_xq *xq, int64_t cols) {
-    xq->hi = malloc(cols);
-    xq->lo = malloc(cols);
+    xq->a = malloc(sizeof(int16_t) * cols);
     xq->scale = malloc(sizeof(float) * (cols / 32));
     xq->sum = malloc(sizeof(float) * (cols / 32));
     xq->sum16 = malloc(sizeof(int32_t) * (cols / 16));
-    xq->minus8 = calloc(cols / 4, sizeof(int32_t));
+    xq->sum32 = malloc(sizeof(int32_t) * (cols / 32));
 }
 
-static void xq_free(gale_xq *xq) { free(xq->hi); free(xq->lo); free(xq->scale); free(xq->sum); free(xq->sum16); free(xq->minus8); }
-
-/* 32 int32 lanes (4 vectors, columns in order) -> 32 int8 in column order. */
-static inline __m256i pack_i8(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
-    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(a0, a1), _mm256_packs_epi32(a2, a3));
-    return _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-}
+static void xq_free(gale_xq *xq) { free(xq->a); free(xq->scale); free(xq->sum); free(xq->sum16); free(xq->sum32); }
 
 static inline int32_t hsum_i32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -264,121 +263,124 @@ static inline int32_t hsum_i32(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
+/* Largest |x[i]| of n (a multiple of 8) values. */
+static inline float abs_max(const float *x, int64_t n) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 mx = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+}
+
 /* Quantize x [cols] in groups of `group` columns (32 or 256). Groups whose largest |x| is below 1e-30 (or
  * NaN) count as zeros: their products are below fp32's resolution of any sum they join. */
 static void xq_quantize(const float *x, int64_t cols, int64_t group, gale_xq *xq) {
-    const __m256 sign = _mm256_set1_ps(-0.f);
     for (int64_t g = 0; g < cols / group; g++) {
         const float *xg = x + g * group;
-        __m256 mx = _mm256_setzero_ps();
-        for (int64_t i = 0; i < group; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xg + i)));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        float top = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        float top = abs_max(xg, group);
         int tiny = !(top >= 1e-30f);
         float s = tiny ? 0.f : top / XQ_MAX;
         __m256 inv = _mm256_set1_ps(tiny ? 0.f : XQ_MAX / top);
-        __m256i total = _mm256_setzero_si256();
         for (int64_t c = 0; c < group; c += 32) {
-            __m256i a[4], h[4], l[4];
-            for (int k = 0; k < 4; k++) {
-                a[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + c + 8 * k), inv)); /* round to nearest */
-                h[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_cvtepi32_ps(a[k]), _mm256_set1_ps(1.f / XQ_BASE)));
-                l[k] = _mm256_sub_epi32(a[k], _mm256_sub_epi32(_mm256_slli_epi32(h[k], 8), h[k])); /* a - 255 hi */
-            }
-            _mm256_storeu_si256((__m256i *)(xq->hi + g * group + c), pack_i8(h[0], h[1], h[2], h[3]));
-            _mm256_storeu_si256((__m256i *)(xq->lo + g * group + c), pack_i8(l[0], l[1], l[2], l[3]));
-            int32_t s0 = hsum_i32(_mm256_add_epi32(a[0], a[1])), s1 = hsum_i32(_mm256_add_epi32(a[2], a[3]));
-            xq->sum16[(g * group + c) / 16] = s0;
-            xq->sum16[(g * group + c) / 16 + 1] = s1;
-            total = _mm256_add_epi32(total, _mm256_add_epi32(_mm256_add_epi32(a[0], a[1]), _mm256_add_epi32(a[2], a[3])));
+            __m256i a[4];
+            for (int k = 0; k < 4; k++) a[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + c + 8 * k), inv));
+            int16_t *dst = xq->a + g * group + c; /* packs interleaves 128-bit lanes; the permute undoes it */
+            _mm256_storeu_si256((__m256i *)dst, _mm256_permute4x64_epi64(_mm256_packs_epi32(a[0], a[2]), 0xd8));
+            _mm256_storeu_si256((__m256i *)(dst + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(a[1], a[3]), 0xd8));
+            int64_t i16 = (g * group + c) / 16;
+            xq->sum16[i16] = hsum_i32(_mm256_add_epi32(a[0], a[1]));
+            xq->sum16[i16 + 1] = hsum_i32(_mm256_add_epi32(a[2], a[3]));
+            xq->sum32[i16 / 2] = xq->sum16[i16] + xq->sum16[i16 + 1];
+            xq->sum[i16 / 2] = s * (float)xq->sum32[i16 / 2];
         }
         xq->scale[g] = s;
-        if (group == 32) {
-            int32_t sum = hsum_i32(total);
-            xq->sum[g] = s * (float)sum;
-            xq->minus8[8 * g] = -8 * sum;
-        }
     }
 }
 
-/* int32 lanes of sum w * (255 hi + lo) over 32 columns: w unsigned bytes, hi/lo the planes' bytes. */
-static inline __m256i dot32_u8(__m256i w, const int8_t *hi, const int8_t *lo) {
-    __m256i ph = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)hi));
-    __m256i pl = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)lo));
-    return _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(XQ_BASE)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)));
+/* The 32 weights of a 32-wide block as int16 lanes in unpack order (lo: columns 0-7 and 16-23, hi: 8-15 and
+ * 24-31): Q8_0's bytes widened with their sign, Q4_0's nibbles minus 8 (so its offset costs nothing). */
+static inline void widen_legacy(int64_t kind, const uint8_t *qs, __m256i *lo, __m256i *hi) {
+    __m256i w, ext = _mm256_setzero_si256();
+    if (kind == GALE_Q8_0) {
+        w = _mm256_loadu_si256((const __m256i *)qs);
+    } else {
+        __m128i raw = _mm_loadu_si128((const __m128i *)qs); /* low nibbles: columns 0-15, high: 16-31 */
+        w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
+        if (kind == GALE_Q4_0) w = _mm256_sub_epi8(w, _mm256_set1_epi8(8));
+    }
+    if (kind != GALE_Q4_1) ext = _mm256_cmpgt_epi8(ext, w); /* sign bytes */
+    *lo = _mm256_unpacklo_epi8(w, ext);
+    *hi = _mm256_unpackhi_epi8(w, ext);
 }
 
-/* The same for signed weight bytes (Q8_0): |w| times x with w's sign. */
-static inline __m256i dot32_i8(__m256i w, const int8_t *hi, const int8_t *lo) {
-    __m256i aw = _mm256_sign_epi8(w, w);
-    __m256i ph = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)hi), w));
-    __m256i pl = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)lo), w));
-    return _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(XQ_BASE)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)));
+/* int32 lanes of w . a over 32 columns: w widened (lo, hi as above), a in unpack order. */
+static inline __m256i dot32(__m256i lo, __m256i hi, const int16_t *a) {
+    return _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)a)),
+                            _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(a + 16))));
 }
 
-/* Block b of a 32-wide kind times x: int32 lanes of q . a (Q4_0: (q - 8) . a). */
-static inline __m256i block_dot_legacy(int64_t kind, const uint8_t *qs, const gale_xq *xq, int64_t b) {
-    if (kind == GALE_Q8_0) return dot32_i8(_mm256_loadu_si256((const __m256i *)qs), xq->hi + 32 * b, xq->lo + 32 * b);
-    __m128i raw = _mm_loadu_si128((const __m128i *)qs); /* low nibbles: columns 0-15, high: 16-31 */
-    __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
-    __m256i p = dot32_u8(w, xq->hi + 32 * b, xq->lo + 32 * b);
-    return kind == GALE_Q4_0 ? _mm256_add_epi32(p, _mm256_loadu_si256((const __m256i *)(xq->minus8 + 8 * b))) : p;
+/* Block b of a 32-wide kind into each vector's accumulator: acc[v] += d s_b[v] (q . a[v])_b, and Q4_1's
+ * offset m s_b[v] sum(a[v])_b into off[v]. */
+static inline __attribute__((always_inline)) void legacy_block(int64_t kind, const uint8_t *blk, const gale_xq *xq,
+                                                               int64_t b, const int N, __m256 *acc, float *off) {
+    __m256i lo, hi;
+    widen_legacy(kind, block_qs(kind, blk), &lo, &hi);
+    float d = half_at(blk), m = kind == GALE_Q4_1 ? half_at(blk + 2) : 0.f;
+    for (int v = 0; v < N; v++) {
+        __m256i p = dot32(lo, hi, xq[v].a + 32 * b);
+        acc[v] = _mm256_fmadd_ps(_mm256_set1_ps(d * xq[v].scale[b]), _mm256_cvtepi32_ps(p), acc[v]);
+        if (kind == GALE_Q4_1) off[v] += m * xq[v].sum[b];
+    }
 }
 
-/* One row of a 32-wide kind: sum_b d_b s_b (q . a)_b (+ m_b s_b sum(a)_b for Q4_1), two blocks a step. */
-static float row_dot_legacy(int64_t kind, const uint8_t *row, const gale_xq *xq, int64_t nb) {
+/* One row of a 32-wide kind for N vectors (N <= XQ_VECTORS, a compile-time constant at each call): each
+ * block's weights are widened once for all of them; two blocks a step into two sets of accumulators, so
+ * consecutive blocks do not wait on each other's additions. */
+static inline __attribute__((always_inline)) void row_dot_legacy(int64_t kind, const uint8_t *row, const gale_xq *xq,
+                                                                 int64_t nb, const int N, float *out) {
     const int64_t bytes = BLOCK_BYTES[kind];
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float off = 0.f;
+    __m256 acc0[XQ_VECTORS], acc1[XQ_VECTORS];
+    float off0[XQ_VECTORS], off1[XQ_VECTORS];
+    for (int v = 0; v < N; v++) acc0[v] = acc1[v] = _mm256_setzero_ps(), off0[v] = off1[v] = 0.f;
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
-        const uint8_t *b0 = row + b * bytes, *b1 = b0 + bytes;
-        __m256i p0 = block_dot_legacy(kind, block_qs(kind, b0), xq, b);
-        __m256i p1 = block_dot_legacy(kind, block_qs(kind, b1), xq, b + 1);
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(half_at(b0) * xq->scale[b]), _mm256_cvtepi32_ps(p0), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(half_at(b1) * xq->scale[b + 1]), _mm256_cvtepi32_ps(p1), acc1);
-        if (kind == GALE_Q4_1) off += half_at(b0 + 2) * xq->sum[b] + half_at(b1 + 2) * xq->sum[b + 1];
+        legacy_block(kind, row + b * bytes, xq, b, N, acc0, off0);
+        legacy_block(kind, row + (b + 1) * bytes, xq, b + 1, N, acc1, off1);
     }
-    for (; b < nb; b++) {
-        const uint8_t *b0 = row + b * bytes;
-        __m256i p0 = block_dot_legacy(kind, block_qs(kind, b0), xq, b);
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(half_at(b0) * xq->scale[b]), _mm256_cvtepi32_ps(p0), acc0);
-        if (kind == GALE_Q4_1) off += half_at(b0 + 2) * xq->sum[b];
-    }
-    return hsum(_mm256_add_ps(acc0, acc1)) + off;
+    if (b < nb) legacy_block(kind, row + b * bytes, xq, b, N, acc0, off0);
+    for (int v = 0; v < N; v++) out[v] = hsum(_mm256_add_ps(acc0[v], acc1[v])) + off0[v] + off1[v];
 }
 
-/* int32 lanes of sum q * hi and of sum q * lo over 32 columns, each pair of int16 products weighted by the
- * 16-bit scales in sc (one per 16 columns for Q6_K, or one per 32). */
-static inline void dot32_scaled(__m256i w, const int8_t *hi, const int8_t *lo, __m256i sc, __m256i *acc_h, __m256i *acc_l) {
-    __m256i ph = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)hi));
-    __m256i pl = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)lo));
-    *acc_h = _mm256_add_epi32(*acc_h, _mm256_madd_epi16(ph, sc));
-    *acc_l = _mm256_add_epi32(*acc_l, _mm256_madd_epi16(pl, sc));
-}
-
-/* One row of Q4_K / Q5_K: per super-block s * (d * sum_i sc_i (q . a)_i - dmin * sum_i m_i sum(a)_i).
- * Integer sums stay within int32: |q . hi| <= 31 * 127 * 32 per sub-block, times sc <= 63, 8 sub-blocks;
- * |sum(a)| <= 32 * 32512 per sub-block, times m <= 63.
- * A sub-block's scale is broadcast from the super-block's 8 by one byte shuffle (as llama.cpp does). */
-static float row_dot_q45k(int64_t kind, const uint8_t *row, const gale_xq *xq, int64_t nb) {
+/* One row of Q4_K / Q5_K for N vectors: per super-block s * (d * sum_i sc_i (q . a)_i - dmin * sum_i m_i
+ * sum(a)_i). The sub-block scales d * sc_i are fp32 lanes, each broadcast once (one permute) for all vectors;
+ * each vector's s applies once per super-block. Integer sums stay exact: |q . a| <= 4 * 31 * 32767 per lane
+ * of a sub-block (below 2^24, so its fp32 conversion is exact); |sum(a)| <= 32 * 32767 per sub-block, times
+ * m <= 63. */
+static inline __attribute__((always_inline)) void row_dot_q45k(int64_t kind, const uint8_t *row, const gale_xq *xq,
+                                                               int64_t nb, const int N, float *out) {
     const int64_t bytes = BLOCK_BYTES[kind];
     const __m256i nibble = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
-    __m256i pick[8];
-    for (int i = 0; i < 8; i++) pick[i] = _mm256_set1_epi16((short)(0x0100 * (2 * i + 1) + 2 * i));
-    __m256 acc = _mm256_setzero_ps(), acc_m = _mm256_setzero_ps();
+    __m256 acc[XQ_VECTORS];
+    for (int v = 0; v < N; v++) acc[v] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * bytes, *qs = blk + (kind == GALE_Q5_K ? 48 : 16);
-        const int8_t *hi = xq->hi + 256 * b, *lo = xq->lo + 256 * b;
-        uint8_t sc[8], m[8];
-        k_scales_mins(blk + 4, sc, m);
-        __m128i sc8, m8;
-        memcpy(&sc8, sc, 8);
-        memcpy(&m8, m, 8);
-        __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc8));
+        uint32_t packed[4];
+        k_scales_mins_packed(blk + 4, packed);
+        __m128i sm = _mm_loadu_si128((const __m128i *)packed);
+        __m256 fsc = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)), _mm256_set1_ps(half_at(blk)));
+        __m256 fm = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))),
+                                  _mm256_set1_ps(half_at(blk + 2)));
+        /* d sum_i sc_i (q . a)_i - dmin sum_i m_i sum(a)_i as lanes to be summed, in C chains per vector (one
+         * vector alone needs several to keep the FMA units busy; more would not fit in registers) */
+        const int C = N == 1 ? 4 : 1;
+        __m256 t[4][XQ_VECTORS];
+        for (int v = 0; v < N; v++) {
+            __m256 sums = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(xq[v].sum32 + 8 * b)));
+            t[0][v] = _mm256_fnmadd_ps(fm, sums, _mm256_setzero_ps());
+            for (int c = 1; c < C; c++) t[c][v] = _mm256_setzero_ps();
+        }
         __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
-        __m256i acc_h = _mm256_setzero_si256(), acc_l = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
             __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
             __m256i w0 = _mm256_and_si256(raw, nibble), w1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
@@ -386,42 +388,49 @@ static float row_dot_q45k(int64_t kind, const uint8_t *row, const gale_xq *xq, i
                 w0 = _mm256_or_si256(w0, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one), 4));
                 w1 = _mm256_or_si256(w1, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one), 4));
             }
-            dot32_scaled(w0, hi + 64 * j, lo + 64 * j, _mm256_shuffle_epi8(scales, pick[2 * j]), &acc_h, &acc_l);
-            dot32_scaled(w1, hi + 64 * j + 32, lo + 64 * j + 32, _mm256_shuffle_epi8(scales, pick[2 * j + 1]), &acc_h,
-                         &acc_l);
+            const __m256i z = _mm256_setzero_si256();
+            __m256i l0 = _mm256_unpacklo_epi8(w0, z), h0 = _mm256_unpackhi_epi8(w0, z);
+            __m256i l1 = _mm256_unpacklo_epi8(w1, z), h1 = _mm256_unpackhi_epi8(w1, z);
+            __m256 sc0 = _mm256_permutevar8x32_ps(fsc, _mm256_set1_epi32(2 * j));
+            __m256 sc1 = _mm256_permutevar8x32_ps(fsc, _mm256_set1_epi32(2 * j + 1));
+            for (int v = 0; v < N; v++) {
+                const int16_t *a = xq[v].a + 256 * b + 64 * j;
+                __m256 p0 = _mm256_cvtepi32_ps(dot32(l0, h0, a)), p1 = _mm256_cvtepi32_ps(dot32(l1, h1, a + 32));
+                t[(2 * j) % C][v] = _mm256_fmadd_ps(p0, sc0, t[(2 * j) % C][v]);
+                t[(2 * j + 1) % C][v] = _mm256_fmadd_ps(p1, sc1, t[(2 * j + 1) % C][v]);
+            }
         }
-        /* sum_i m_i sum(a)_i: the 32-column sums as int32 pairs of 16-column sums */
-        __m256i s32 = _mm256_loadu_si256((const __m256i *)(xq->sum16 + 16 * b)), s32b = _mm256_loadu_si256((const __m256i *)(xq->sum16 + 16 * b + 8));
-        __m256i mins = _mm256_cvtepu8_epi32(m8);
-        __m256i pairs = _mm256_permute4x64_epi64(_mm256_hadd_epi32(s32, s32b), 0xd8); /* sums of 32 columns 0..7 */
-        __m256i msum = _mm256_mullo_epi32(mins, pairs);
-        float s = xq->scale[b];
-        __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_h), _mm256_set1_ps((float)XQ_BASE), _mm256_cvtepi32_ps(acc_l));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_at(blk) * s), t, acc);
-        acc_m = _mm256_fmadd_ps(_mm256_set1_ps(half_at(blk + 2) * s), _mm256_cvtepi32_ps(msum), acc_m);
+        for (int v = 0; v < N; v++) {
+            for (int c = 1; c < C; c++) t[0][v] = _mm256_add_ps(t[0][v], t[c][v]);
+            acc[v] = _mm256_fmadd_ps(t[0][v], _mm256_set1_ps(xq[v].scale[b]), acc[v]);
+        }
     }
-    return hsum(_mm256_sub_ps(acc, acc_m));
+    for (int v = 0; v < N; v++) out[v] = hsum(acc[v]);
 }
 
-/* One row of Q6_K: per super-block d * s * (sum_i sc_i (q . a)_i - 32 sum_i sc_i sum(a)_i), 16 scales of 16. */
-static float row_dot_q6k(const uint8_t *row, const gale_xq *xq, int64_t nb) {
-    const __m256i nibble = _mm256_set1_epi8(0x0f), two = _mm256_set1_epi8(3);
-    __m256i pick[4]; /* 16-bit lanes 0-7 <- scale 2 part, lanes 8-15 <- scale 2 part + 1 */
-    for (int p = 0; p < 4; p++)
-        pick[p] = _mm256_set_m128i(_mm_set1_epi16((short)(0x0100 * (4 * p + 3) + 4 * p + 2)),
-                                   _mm_set1_epi16((short)(0x0100 * (4 * p + 1) + 4 * p)));
-    __m256 acc = _mm256_setzero_ps();
-    float off = 0.f;
+/* One row of Q6_K for N vectors: per super-block d * s * (sum_i sc_i (q . a)_i - 32 sum_i sc_i sum(a)_i), 16
+ * scales of 16 columns: a 32-column product's lanes 0-3 take scale 2 p, lanes 4-7 scale 2 p + 1. */
+static inline __attribute__((always_inline)) void row_dot_q6k(const uint8_t *row, const gale_xq *xq, int64_t nb,
+                                                              const int N, float *out) {
+    const __m256i nibble = _mm256_set1_epi8(0x0f), three = _mm256_set1_epi8(3), z = _mm256_setzero_si256();
+    __m256 acc[XQ_VECTORS];
+    for (int v = 0; v < N; v++) acc[v] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * BLOCK_BYTES[GALE_Q6_K];
-        const int8_t *sc = (const int8_t *)(blk + 192);
-        const int32_t *s16 = xq->sum16 + 16 * b;
-        __m128i sc_lo, sc_hi;
-        memcpy(&sc_lo, sc, 8);
-        memcpy(&sc_hi, sc + 8, 8);
-        __m256i scales[2] = {_mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(sc_lo)),
-                             _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(sc_hi))};
-        __m256i acc_h = _mm256_setzero_si256(), acc_l = _mm256_setzero_si256();
+        __m128i sc = _mm_loadu_si128((const __m128i *)(blk + 192));
+        __m256i sc_lo = _mm256_cvtepi8_epi32(sc), sc_hi = _mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8));
+        float d = half_at(blk + 208);
+        __m256 fsc[2] = {_mm256_mul_ps(_mm256_cvtepi32_ps(sc_lo), _mm256_set1_ps(d)),
+                         _mm256_mul_ps(_mm256_cvtepi32_ps(sc_hi), _mm256_set1_ps(d))};
+        const int C = N == 1 ? 4 : N == 2 ? 2 : 1; /* chains per vector, as in row_dot_q45k */
+        __m256 t[4][XQ_VECTORS]; /* -32 d sum_i sc_i sum(a)_i, then + d sum_i sc_i (q . a)_i */
+        for (int v = 0; v < N; v++) {
+            const int32_t *s16 = xq[v].sum16 + 16 * b;
+            __m256 lo = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)s16));
+            __m256 hi = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(s16 + 8)));
+            t[0][v] = _mm256_mul_ps(_mm256_set1_ps(-32.f), _mm256_fmadd_ps(fsc[1], hi, _mm256_mul_ps(fsc[0], lo)));
+            for (int c = 1; c < C; c++) t[c][v] = _mm256_setzero_ps();
+        }
         for (int half = 0; half < 2; half++) {
             const uint8_t *ql = blk + 64 * half;
             __m256i r0 = _mm256_loadu_si256((const __m256i *)ql), r1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
@@ -430,27 +439,41 @@ static float row_dot_q6k(const uint8_t *row, const gale_xq *xq, int64_t nb) {
                               _mm256_and_si256(_mm256_srli_epi16(r0, 4), nibble),
                               _mm256_and_si256(_mm256_srli_epi16(r1, 4), nibble)};
             for (int part = 0; part < 4; part++) {
-                __m256i top = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * part), two), 4);
-                __m256i scale = _mm256_shuffle_epi8(scales[half], pick[part]);
-                int64_t c = 128 * (int64_t)half + 32 * part;
-                dot32_scaled(_mm256_or_si256(low[part], top), xq->hi + 256 * b + c, xq->lo + 256 * b + c, scale,
-                             &acc_h, &acc_l);
+                __m256i top = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * part), three), 4);
+                __m256i w = _mm256_or_si256(low[part], top);
+                __m256i l = _mm256_unpacklo_epi8(w, z), h = _mm256_unpackhi_epi8(w, z);
+                __m256i pick = _mm256_setr_epi32(2 * part, 2 * part, 2 * part, 2 * part, 2 * part + 1, 2 * part + 1,
+                                                 2 * part + 1, 2 * part + 1);
+                __m256 scale = _mm256_permutevar8x32_ps(fsc[half], pick);
+                for (int v = 0; v < N; v++) {
+                    __m256i p = dot32(l, h, xq[v].a + 256 * b + 128 * half + 32 * part);
+                    t[part % C][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, t[part % C][v]);
+                }
             }
         }
-        int32_t offset = 0;
-        for (int i = 0; i < 16; i++) offset += (int32_t)sc[i] * s16[i];
-        float ds = half_at(blk + 208) * xq->scale[b];
-        __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_h), _mm256_set1_ps((float)XQ_BASE), _mm256_cvtepi32_ps(acc_l));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(ds), t, acc);
-        off += ds * 32.f * (float)offset;
+        for (int v = 0; v < N; v++) {
+            for (int c = 1; c < C; c++) t[0][v] = _mm256_add_ps(t[0][v], t[c][v]);
+            acc[v] = _mm256_fmadd_ps(t[0][v], _mm256_set1_ps(xq[v].scale[b]), acc[v]);
+        }
     }
-    return hsum(acc) - off;
+    for (int v = 0; v < N; v++) out[v] = hsum(acc[v]);
 }
 
-static inline float row_dot_xq(int64_t kind, const uint8_t *row, const gale_xq *xq, int64_t nb) {
-    if (kind == GALE_Q6_K) return row_dot_q6k(row, xq, nb);
-    if (is_k(kind)) return row_dot_q45k(kind, row, xq, nb);
-    return row_dot_legacy(kind, row, xq, nb);
+static inline __attribute__((always_inline)) void row_dot_xq_n(int64_t kind, const uint8_t *row, const gale_xq *xq,
+                                                               int64_t nb, const int N, float *out) {
+    if (kind == GALE_Q6_K) row_dot_q6k(row, xq, nb, N, out);
+    else if (is_k(kind)) row_dot_q45k(kind, row, xq, nb, N, out);
+    else row_dot_legacy(kind, row, xq, nb, N, out);
+}
+
+/* out[v] = row . x[v] for n <= XQ_VECTORS vectors. */
+static void row_dot_xq(int64_t kind, const uint8_t *row, const gale_xq *xq, int64_t nb, int64_t n, float *out) {
+    switch (n) {
+    case 1: row_dot_xq_n(kind, row, xq, nb, 1, out); break;
+    case 2: row_dot_xq_n(kind, row, xq, nb, 2, out); break;
+    case 3: row_dot_xq_n(kind, row, xq, nb, 3, out); break;
+    default: row_dot_xq_n(kind, row, xq, nb, 4, out); break;
+    }
 }
 #endif
 
@@ -534,7 +557,7 @@ static void gemv_pass(const gale_qmat *w, const float *x, float *y, int64_t n, i
 
 #ifdef GALE_AVX2
 /* The integer path for n vectors: each quantized once (per 32 columns and/or per 256, as the kinds need),
- * then every row meets all of them while it sits in L1. */
+ * then every row meets all of them while it sits in L1, its weights widened once per XQ_VECTORS of them. */
 static void gemv_int(const gale_qmat *const *ws, float *const *ys, int count, const float *x, int64_t n,
                      int threads) {
     int64_t cols = ws[0]->cols, rows_total = 0;
@@ -557,18 +580,25 @@ static void gemv_int(const gale_qmat *const *ws, float *const *ys, int count, co
         float *y = ys[i];
 #pragma omp for schedule(static) nowait
         for (int64_t r = 0; r < w->rows; r++)
-            for (int64_t v = 0; v < n; v++) y[v * w->rows + r] = row_dot_xq(w->kind, w->blocks + r * stride, q + v, nb);
+            for (int64_t v = 0; v < n; v += XQ_VECTORS) {
+                float out[XQ_VECTORS];
+                int64_t m = n - v < XQ_VECTORS ? n - v : XQ_VECTORS;
+                row_dot_xq(w->kind, w->blocks + r * stride, q + v, nb, m, out);
+                for (int64_t j = 0; j < m; j++) y[(v + j) * w->rows + r] = out[j];
+            }
     }
     for (int64_t j = 0; j < 2 * n; j++)
-        if (xq[j].hi) xq_free(&xq[j]);
+        if (xq[j].a) xq_free(&xq[j]);
     free(xq);
 }
 #endif
 
 /* y[i] = x W[i]^T for `count` matrices of the same input width (q/k/v, or gate/up: one input), x [n, cols]
  * -> y[i] [n, rows_i], the matrices' rows in one parallel region without barriers between them. One vector,
- * and any number of them for the K-quants, take the integer path; several vectors of the 32-wide kinds go
- * in fp32 passes of MAX_VECTORS that read each block once for all of them. */
+ * and any number of them for the K-quants, take the integer path (AVX2 builds); several vectors of the
+ * 32-wide kinds go in fp32 passes of MAX_VECTORS that read each block once for all of them, so a batch of the
+ * default model (Q4_1) scores as the dequantized model does whatever its composition (the integer path would
+ * be ~1.2x faster there, but its 2^-16 rounding moves batched log-likelihoods by ~1e-3 nats). */
 static void gemv_shared(const gale_qmat *const *ws, float *const *ys, int count, const float *x, int64_t n,
                         int threads) {
     int64_t cols = ws[0]->cols;
