@@ -171,6 +171,12 @@ def hf_twin(model: Transformer, dtype: torch.dtype) -> Any:
     return hf.eval().requires_grad_(False)
 
 
+def own_bytes(hf: Any, model: Transformer) -> int:
+    """Bytes of the HF twin's tensors that are not Gale's own storage (the permuted q/k)."""
+    shared = {p.data_ptr() for p in model.parameters()}
+    return sum(p.nbytes for p in hf.parameters() if p.data_ptr() not in shared)
+
+
 def hf_generate(hf: Any, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Greedy continuations `[B, new_tokens]` of equal-length prompts `[B, P]` (no EOS: always new_tokens)."""
     from transformers import GenerationConfig
@@ -654,7 +660,9 @@ def headline(results: dict) -> list[tuple[str, str, str]]:
              f"{fmt(get('decode', 'fraction_of_roofline_spec'))}", ">= 0.75"),
             ("compiled decode B=1 tok/s (fraction of roofline)",
              f"{fmt(get('compile', 'compiled_tok_s'))} ({fmt(get('compile', 'fraction_of_roofline_measured'))})", ""),
-            ("prefill full / SWA time", fmt(get("prefill", "full_over_swa")), "")]
+            ("prefill full / SWA time", fmt(get("prefill", "full_over_swa")), ""),
+            ("peak memory allocated, GB (the largest section's)",
+             fmt(max((e["peak_memory_gb"] for e in results.values() if e.get("peak_memory_gb")), default=None)), "")]
     for key in sorted(k for k in results.get("throughput", {}).get("result", {}) if k.startswith("b")):
         rows.append((f"{key.upper()} tok/s Gale / HF (ratio)", f"{fmt(get('throughput', key, 'gale', 'tok_s'))} / "
                      f"{fmt(get('throughput', key, 'hf', 'tok_s'))} ({fmt(get('throughput', key, 'gale_over_hf'))})",
@@ -738,6 +746,7 @@ def main(argv: list[str] | None = None) -> dict:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         report = {"meta": {"device_name": name, "torch": torch.__version__, "transformers": transformers.__version__,
                            "args": ctx.args.to_dict(), "sizes": asdict(sizes), "weights_gb": weight_bytes(model) / GB,
+                           "hf_own_gb": own_bytes(ctx.hf, model) / GB,
                            "setup_s": time.perf_counter() - t_start, "summary": "running"}, "sections": ctx.results}
         for section in names:
             left = a.budget - (time.perf_counter() - t_start)

@@ -42,6 +42,8 @@ def test_tiny_run_has_every_section_and_matches_hf(gpu, tmp_path):
     assert sections["prefill"]["result"]["full"]["kv_cache_gb"] > sections["prefill"]["result"]["swa"]["kv_cache_gb"]
     compiled = sections["compile"]["result"]
     assert compiled["identical_ids"] == compiled["tokens"] and compiled["max_logit_diff"] == 0
+    a = gpu.TINY  # HF holds Gale's tensors; only q and k are copies (permuted rows)
+    assert report["meta"]["hf_own_gb"] * 1e9 == a.n_layers * 2 * (a.n_heads + a.n_kv_heads) * a.head_dim * a.dim
     md = (tmp_path / "gpu.md").read_text()
     assert "| logits within tolerance" in md and "logits and greedy check passed: True" in md
 
