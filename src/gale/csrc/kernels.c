@@ -353,33 +353,25 @@ static inline __attribute__((always_inline)) void row_dot_legacy(int64_t kind, c
 }
 
 /* One row of Q4_K / Q5_K for N vectors: per super-block s * (d * sum_i sc_i (q . a)_i - dmin * sum_i m_i
- * sum(a)_i). The sub-block scales d * sc_i are fp32 lanes, each broadcast once (one permute) for all vectors;
- * each vector's s applies once per super-block. Integer sums stay exact: |q . a| <= 4 * 31 * 32767 per lane
- * of a sub-block (below 2^24, so its fp32 conversion is exact); |sum(a)| <= 32 * 32767 per sub-block, times
- * m <= 63. */
+ * sum(a)_i), in integers until the super-block's end (scales broadcast from memory: no shuffles). Sums stay
+ * exact int32: |q . a| <= 4 * 31 * 32767 per lane of a sub-block, times sc <= 63, 8 sub-blocks: < 2^31;
+ * |sum(a)| <= 32 * 32767 per sub-block, times m <= 63. */
 static inline __attribute__((always_inline)) void row_dot_q45k(int64_t kind, const uint8_t *row, const gale_xq *xq,
                                                                int64_t nb, const int N, float *out) {
     const int64_t bytes = BLOCK_BYTES[kind];
-    const __m256i nibble = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+    const __m256i nibble = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1), z = _mm256_setzero_si256();
     __m256 acc[XQ_VECTORS];
     for (int v = 0; v < N; v++) acc[v] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * bytes, *qs = blk + (kind == GALE_Q5_K ? 48 : 16);
         uint32_t packed[4];
+        int32_t sc[8];
         k_scales_mins_packed(blk + 4, packed);
         __m128i sm = _mm_loadu_si128((const __m128i *)packed);
-        __m256 fsc = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)), _mm256_set1_ps(half_at(blk)));
-        __m256 fm = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))),
-                                  _mm256_set1_ps(half_at(blk + 2)));
-        /* d sum_i sc_i (q . a)_i - dmin sum_i m_i sum(a)_i as lanes to be summed, in C chains per vector (one
-         * vector alone needs several to keep the FMA units busy; more would not fit in registers) */
-        const int C = N == 1 ? 4 : 1;
-        __m256 t[4][XQ_VECTORS];
-        for (int v = 0; v < N; v++) {
-            __m256 sums = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(xq[v].sum32 + 8 * b)));
-            t[0][v] = _mm256_fnmadd_ps(fm, sums, _mm256_setzero_ps());
-            for (int c = 1; c < C; c++) t[c][v] = _mm256_setzero_ps();
-        }
+        _mm256_storeu_si256((__m256i *)sc, _mm256_cvtepu8_epi32(sm));
+        __m256i mins = _mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8));
+        __m256i t[XQ_VECTORS]; /* sum_i sc_i (q . a)_i, lanes to be summed */
+        for (int v = 0; v < N; v++) t[v] = z;
         __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
         for (int j = 0; j < 4; j++) {
             __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
@@ -388,21 +380,21 @@ static inline __attribute__((always_inline)) void row_dot_q45k(int64_t kind, con
                 w0 = _mm256_or_si256(w0, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one), 4));
                 w1 = _mm256_or_si256(w1, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one), 4));
             }
-            const __m256i z = _mm256_setzero_si256();
             __m256i l0 = _mm256_unpacklo_epi8(w0, z), h0 = _mm256_unpackhi_epi8(w0, z);
             __m256i l1 = _mm256_unpacklo_epi8(w1, z), h1 = _mm256_unpackhi_epi8(w1, z);
-            __m256 sc0 = _mm256_permutevar8x32_ps(fsc, _mm256_set1_epi32(2 * j));
-            __m256 sc1 = _mm256_permutevar8x32_ps(fsc, _mm256_set1_epi32(2 * j + 1));
+            __m256i c0 = _mm256_set1_epi32(sc[2 * j]), c1 = _mm256_set1_epi32(sc[2 * j + 1]);
             for (int v = 0; v < N; v++) {
                 const int16_t *a = xq[v].a + 256 * b + 64 * j;
-                __m256 p0 = _mm256_cvtepi32_ps(dot32(l0, h0, a)), p1 = _mm256_cvtepi32_ps(dot32(l1, h1, a + 32));
-                t[(2 * j) % C][v] = _mm256_fmadd_ps(p0, sc0, t[(2 * j) % C][v]);
-                t[(2 * j + 1) % C][v] = _mm256_fmadd_ps(p1, sc1, t[(2 * j + 1) % C][v]);
+                __m256i p = _mm256_add_epi32(_mm256_mullo_epi32(dot32(l0, h0, a), c0),
+                                             _mm256_mullo_epi32(dot32(l1, h1, a + 32), c1));
+                t[v] = _mm256_add_epi32(t[v], p);
             }
         }
+        __m256 d = _mm256_set1_ps(half_at(blk)), dmin = _mm256_set1_ps(half_at(blk + 2));
         for (int v = 0; v < N; v++) {
-            for (int c = 1; c < C; c++) t[0][v] = _mm256_add_ps(t[0][v], t[c][v]);
-            acc[v] = _mm256_fmadd_ps(t[0][v], _mm256_set1_ps(xq[v].scale[b]), acc[v]);
+            __m256i msum = _mm256_mullo_epi32(mins, _mm256_loadu_si256((const __m256i *)(xq[v].sum32 + 8 * b)));
+            __m256 tv = _mm256_fmsub_ps(_mm256_cvtepi32_ps(t[v]), d, _mm256_mul_ps(_mm256_cvtepi32_ps(msum), dmin));
+            acc[v] = _mm256_fmadd_ps(tv, _mm256_set1_ps(xq[v].scale[b]), acc[v]);
         }
     }
     for (int v = 0; v < N; v++) out[v] = hsum(acc[v]);
