@@ -403,6 +403,8 @@ def section_decode(ctx: Context) -> dict:
     out = {"prompt": sz.decode_prompt, "tokens": sz.decode_tokens, "gale_loop_tok_s": loop,
            "gale_engine_tok_s": engine["decode_tok_s"], "hf_generate_tok_s": hf["decode_tok_s"],
            **roofline(ctx, sz.decode_prompt + sz.decode_tokens // 2, loop)}
+    if bound := out.get("roofline_tok_s_measured"):  # the engine adds sampling, bookkeeping and a sync per step
+        out["engine_fraction_of_roofline_measured"] = ratio(engine["decode_tok_s"], bound)
     return out
 
 
@@ -655,9 +657,10 @@ def headline(results: dict) -> list[tuple[str, str, str]]:
             ("decode B=1 tok/s (Gale loop / engine / HF)",
              " / ".join(fmt(get("decode", k)) for k in ("gale_loop_tok_s", "gale_engine_tok_s", "hf_generate_tok_s")),
              ""),
-            ("decode B=1 fraction of roofline (measured bw / spec bw)",
+            ("decode B=1 fraction of roofline (loop: measured bw / spec bw; engine: measured bw)",
              f"{fmt(get('decode', 'fraction_of_roofline_measured'))} / "
-             f"{fmt(get('decode', 'fraction_of_roofline_spec'))}", ">= 0.75"),
+             f"{fmt(get('decode', 'fraction_of_roofline_spec'))}; "
+             f"{fmt(get('decode', 'engine_fraction_of_roofline_measured'))}", ">= 0.75"),
             ("compiled decode B=1 tok/s (fraction of roofline)",
              f"{fmt(get('compile', 'compiled_tok_s'))} ({fmt(get('compile', 'fraction_of_roofline_measured'))})", ""),
             ("prefill full / SWA time", fmt(get("prefill", "full_over_swa")), ""),
