@@ -362,7 +362,8 @@ def gale_loop_tps(ctx: Context, prompt: torch.Tensor, n: int) -> float:
 
 
 def engine_run(ctx: Context, prompts: list[list[int]], new_tokens: int) -> dict:
-    """Prompts through Gale's continuous-batching engine (prefix cache off): total and decode-phase tok/s."""
+    """Prompts through Gale's continuous-batching engine (prefix cache off): total and decode-phase tok/s, and
+    the ids (`ids`, left out of the report)."""
     engine = Engine(ctx.model, NullTokenizer(), max_seqs=len(prompts), prefix_cache_tokens=0, kv_dtype=ctx.dtype)
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     seqs = [engine.add(p, params) for p in prompts]
@@ -378,17 +379,22 @@ def engine_run(ctx: Context, prompts: list[list[int]], new_tokens: int) -> dict:
         raise RuntimeError(f"engine sequences failed: {failed[0]}")
     made = sum(len(s.output) for s in seqs)
     return {"tok_s": made / (t2 - t0), "prefill_s": t1 - t0,
-            "decode_tok_s": (made - len(seqs)) / (t2 - t1) if t2 > t1 else None}
+            "decode_tok_s": (made - len(seqs)) / (t2 - t1) if t2 > t1 else None, "ids": [s.output for s in seqs]}
 
 
 def hf_run(ctx: Context, prompts: torch.Tensor, new_tokens: int) -> dict:
     """HF generate on the same prompts: total tok/s, and decode-phase tok/s from t(new_tokens) - t(1)."""
     hf_generate(ctx.hf, prompts, 2)  # warm-up
     one = timed(ctx.device, lambda: hf_generate(ctx.hf, prompts, 1))
-    total = timed(ctx.device, lambda: hf_generate(ctx.hf, prompts, new_tokens))
+    ids = []
+    total = timed(ctx.device, lambda: ids.append(hf_generate(ctx.hf, prompts, new_tokens)))
     b = prompts.shape[0]
     return {"tok_s": b * new_tokens / total, "prefill_s": one,
-            "decode_tok_s": b * (new_tokens - 1) / (total - one) if total > one else None}
+            "decode_tok_s": b * (new_tokens - 1) / (total - one) if total > one else None, "ids": ids[0].tolist()}
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def section_decode(ctx: Context) -> dict:
@@ -400,9 +406,10 @@ def section_decode(ctx: Context) -> dict:
     engine_run(ctx, [ids], 2)  # warm-up
     engine = engine_run(ctx, [ids], sz.decode_tokens)
     hf = hf_run(ctx, prompt[None], sz.decode_tokens)
+    same = common_prefix(engine["ids"][0], hf["ids"][0])
     out = {"prompt": sz.decode_prompt, "tokens": sz.decode_tokens, "gale_loop_tok_s": loop,
            "gale_engine_tok_s": engine["decode_tok_s"], "hf_generate_tok_s": hf["decode_tok_s"],
-           **roofline(ctx, sz.decode_prompt + sz.decode_tokens // 2, loop)}
+           "same_ids_as_hf_prefix": same, **roofline(ctx, sz.decode_prompt + sz.decode_tokens // 2, loop)}
     if bound := out.get("roofline_tok_s_measured"):  # the engine adds sampling, bookkeeping and a sync per step
         out["engine_fraction_of_roofline_measured"] = ratio(engine["decode_tok_s"], bound)
     return out
@@ -429,8 +436,10 @@ def section_throughput(ctx: Context) -> dict:
         engine_run(ctx, lists, 2)  # warm-up at this batch size
         gale = engine_run(ctx, lists, sz.batch_tokens)
         hf = hf_run(ctx, prompts, sz.batch_tokens)
+        same = [common_prefix(g, h) for g, h in zip(gale.pop("ids"), hf.pop("ids"))]  # bf16 near-ties end them
         out[f"b{b}"] = {"gale": gale, "hf": hf, "gale_over_hf": gale["tok_s"] / hf["tok_s"],
-                        "gale_over_hf_decode": ratio(gale["decode_tok_s"], hf["decode_tok_s"])}
+                        "gale_over_hf_decode": ratio(gale["decode_tok_s"], hf["decode_tok_s"]),
+                        "same_ids_as_hf_mean_prefix": sum(same) / len(same)}
     out["prompt"], out["new_tokens"] = sz.batch_prompt, sz.batch_tokens
     return out
 
@@ -538,7 +547,9 @@ def section_profile(ctx: Context) -> dict:
         events = prof.key_averages()
         kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
         sort = "device_time_total" if ctx.device.type == "cuda" else "cpu_time_total"
-        out[name] = {"host_ms": timed(ctx.device, fn) * 1e3, "cuda_kernels": kernels if kernels else None,
+        busy = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3
+        out[name] = {"wall_ms": timed(ctx.device, fn) * 1e3, "cuda_kernels": kernels if kernels else None,
+                     "kernel_ms": busy if kernels else None,  # << wall_ms: the host is the bottleneck
                      "host_syncs": host_syncs(ctx.device, fn), "top": events.table(sort_by=sort, row_limit=12)}
     return out
 
@@ -735,25 +746,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def describe(ctx: Context, setup_s: float) -> dict:
+    """The run's circumstances: device, versions, shapes, sizes, weights."""
+    import transformers
+
+    name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    return {"device_name": name, "torch": torch.__version__, "transformers": transformers.__version__,
+            "args": ctx.args.to_dict(), "sizes": asdict(ctx.sizes), "weights_gb": weight_bytes(ctx.model) / GB,
+            "hf_own_gb": own_bytes(ctx.hf, ctx.model) / GB, "setup_s": setup_s,
+            "fp32_matmul_precision": torch.get_float32_matmul_precision(), "summary": "running"}
+
+
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     device, t_start = torch.device(a.device), time.perf_counter()
     sizes = TINY_SIZES if a.tiny else QUICK if a.quick else FULL
     names = a.sections or [s for s in SECTIONS if s != "compile" or not (a.quick or a.no_compile)]
     torch.manual_seed(a.seed)
-    import transformers
-
     with torch.no_grad():
         model = build_model(TINY if a.tiny else MISTRAL_7B, device, torch.bfloat16, a.seed)
         ctx = Context(model, hf_twin(model, model.dtype), device, sizes, a.compile_backend, {}, a.seed)
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        report = {"meta": {"device_name": name, "torch": torch.__version__, "transformers": transformers.__version__,
-                           "args": ctx.args.to_dict(), "sizes": asdict(sizes), "weights_gb": weight_bytes(model) / GB,
-                           "hf_own_gb": own_bytes(ctx.hf, model) / GB,
-                           "setup_s": time.perf_counter() - t_start, "summary": "running"}, "sections": ctx.results}
+        report = {"meta": describe(ctx, time.perf_counter() - t_start), "sections": ctx.results}
         for section in names:
-            left = a.budget - (time.perf_counter() - t_start)
-            limit = min(LIMITS[section], left)
+            limit = min(LIMITS[section], a.budget - (time.perf_counter() - t_start))
             if limit < 5:
                 ctx.results[section] = {"ok": False, "error": "skipped: --budget spent", "seconds": 0.0,
                                         "peak_memory_gb": None}
