@@ -223,9 +223,10 @@ def check_one_call_decode(kind: str, heads: int, kv_heads: int, head_dim: int, w
     torch.manual_seed(0)
     dim, hidden = (256, 512) if kind in K_KINDS else (64, 96)
     head_dim = 256 // heads if kind in K_KINDS else head_dim
-    # K-quant batches take the 16-bit integer path on both sides, which rounds the C and torch norms' slightly
-    # different fp32 outputs apart now and then; the 32-wide kinds' batches are fp32 throughout
-    tolerance = 1e-3 if kind in K_KINDS else 1e-4
+    # the one-call decode takes the 16-bit integer path at any batch size, and so do the layers' K-quant batches
+    # (the 32-wide kinds' are fp32 there); the C and torch norms' slightly different fp32 outputs round apart
+    # now and then
+    tolerance = 1e-3
     args = ModelArgs(dim=dim, n_layers=2, head_dim=head_dim, hidden_dim=hidden, n_heads=heads, n_kv_heads=kv_heads,
                      vocab_size=50, sliding_window=window, max_seq_len=64)
     fast = quantized(Transformer(args).eval(), kind)

@@ -587,17 +587,19 @@ static void gemv_int(const gale_qmat *const *ws, float *const *ys, int count, co
 
 /* y[i] = x W[i]^T for `count` matrices of the same input width (q/k/v, or gate/up: one input), x [n, cols]
  * -> y[i] [n, rows_i], the matrices' rows in one parallel region without barriers between them. One vector,
- * and any number of them for the K-quants, take the integer path (AVX2 builds); several vectors of the
- * 32-wide kinds go in fp32 passes of MAX_VECTORS that read each block once for all of them, so a batch of the
- * default model (Q4_1) scores as the dequantized model does whatever its composition (the integer path would
- * be ~1.2x faster there, but its 2^-16 rounding moves batched log-likelihoods by ~1e-3 nats). */
+ * and any number of them for the K-quants, take the integer path (AVX2 builds); so do batches of the 32-wide
+ * kinds unless `fp32_batches`, which multiplies them in fp32 passes of MAX_VECTORS that read each block once
+ * for all of them. QuantLinear (prefill, scoring) asks for that: a batch of the default model (Q4_1) then
+ * scores as the dequantized model does whatever its composition, where the integer path's 2^-16 rounding
+ * moves batched log-likelihoods by ~1e-3 nats. The decode step does not: it is the gated path at any batch
+ * size, and ~1.2x faster there. */
 static void gemv_shared(const gale_qmat *const *ws, float *const *ys, int count, const float *x, int64_t n,
-                        int threads) {
+                        int fp32_batches, int threads) {
     int64_t cols = ws[0]->cols;
 #ifdef GALE_AVX2
     int all_k = 1;
     for (int i = 0; i < count; i++) all_k &= is_k(ws[i]->kind);
-    if (n == 1 || all_k) {
+    if (n == 1 || all_k || !fp32_batches) {
         gemv_int(ws, ys, count, x, n, threads);
         return;
     }
@@ -608,9 +610,9 @@ static void gemv_shared(const gale_qmat *const *ws, float *const *ys, int count,
                       threads);
 }
 
-/* y = x W^T for n vectors x [n, cols] -> y [n, rows]. */
+/* y = x W^T for n vectors x [n, cols] -> y [n, rows] (QuantLinear's product). */
 void gale_gemv(const gale_qmat *w, const float *x, float *y, int64_t n, int threads) {
-    gemv_shared(&w, &y, 1, x, n, threads);
+    gemv_shared(&w, &y, 1, x, n, 1, threads);
 }
 
 /* fp32 rows of W: all of them (index NULL, n = rows) or rows index[0..n) (embedding lookups). */
@@ -811,8 +813,9 @@ void gale_decode(const gale_dims *c, const gale_layer *layers, void *const *kc, 
         const gale_layer *L = layers + l;
         rms_norm(h, L->attn_norm, xn, n, dim, c->eps);
         const gale_qmat *qkv_w[3] = {&L->wq, &L->wk, &L->wv}, *ffn_w[2] = {&L->w1, &L->w3};
+        const gale_qmat *wo = &L->wo, *w2 = &L->w2;
         float *qkv_y[3] = {q, k, v}, *ffn_y[2] = {g, u};
-        gemv_shared(qkv_w, qkv_y, 3, xn, n, threads);
+        gemv_shared(qkv_w, qkv_y, 3, xn, n, 0, threads);
         rope(q, rot, positions, n, H, hd);
         rope(k, rot, positions, n, KV, hd);
         for (int64_t s = 0; s < n; s++)
@@ -848,12 +851,12 @@ void gale_decode(const gale_dims *c, const gale_layer *layers, void *const *kc, 
                 o[i] = acc / norm;
             }
         }
-        gale_gemv(&L->wo, att, tmp, n, threads);
+        gemv_shared(&wo, &tmp, 1, att, n, 0, threads);
         for (int64_t i = 0; i < n * dim; i++) h[i] += tmp[i];
         rms_norm(h, L->ffn_norm, xn, n, dim, c->eps);
-        gemv_shared(ffn_w, ffn_y, 2, xn, n, threads);
+        gemv_shared(ffn_w, ffn_y, 2, xn, n, 0, threads);
         swiglu(g, u, n * c->hidden);
-        gale_gemv(&L->w2, g, tmp, n, threads);
+        gemv_shared(&w2, &tmp, 1, g, n, 0, threads);
         for (int64_t i = 0; i < n * dim; i++) h[i] += tmp[i];
     }
     rms_norm(h, norm, h, n, dim, c->eps);
