@@ -5,11 +5,12 @@
 
 Writes a random 7B-shaped model (std 0.02 bf16 weights, Mistral's 32000-token tokenizer, generated tensor by
 tensor, so writing it never holds the model) as an official folder (params.json + consolidated.safetensors) and
-a Hugging Face folder (sharded, rotate-half q/k rows) under --root, outside the repository; then, each in its
-own process: a bare torch process (the RSS baseline), Gale loading the official folder with no flag (auto),
-with --quantize q8_0 and q4_k, the HF folder with q8_0, and Gale loading the Q8_0 and Q4_K_M GGUFs that
-llama.cpp's quantizer makes from an F16 GGUF of the same weights (skipped without llama-cpp-python). Figures:
-load time, peak RSS over bare torch against the quantized weights + the K/V cache, decode tok/s at batch 1.
+a Hugging Face folder (sharded, rotate-half q/k rows) under --root, outside the repository, one at a time and
+each removed after its runs unless --keep (~27 GB of disk at once at 7B). Then, each in its own process: a
+bare torch process (the RSS baseline), Gale loading the official folder with no flag (auto), with --quantize
+q8_0 and q4_k, the HF folder with q8_0, and Gale loading the Q8_0 and Q4_K_M GGUFs that llama.cpp's quantizer
+makes from an F16 GGUF of the same weights (skipped without llama-cpp-python). Figures: load time, peak RSS
+over bare torch against the quantized weights + the K/V cache, decode tok/s at batch 1.
 """
 
 from __future__ import annotations
@@ -69,20 +70,30 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], make) -> N
     tmp.replace(path)
 
 
-def make_folders(args: ModelArgs, root: Path) -> tuple[Path, Path]:
-    from gale.weights import model_shapes
-    from gale.weights.hf import hf_name, to_hf
+def _folder(root: Path, name: str) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "tokenizer.model").exists():
+        (folder / "tokenizer.model").symlink_to(MISTRAL_V1)
+    return folder
 
-    shapes = model_shapes(args)
-    official, hf = root / "official", root / "hf"
-    for folder in (official, hf):
-        folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "tokenizer.model").exists():
-            (folder / "tokenizer.model").symlink_to(MISTRAL_V1)
+
+def make_official(args: ModelArgs, root: Path) -> Path:
+    from gale.weights import model_shapes
+
+    shapes, official = model_shapes(args), _folder(root, "official")
     if not (official / "consolidated.safetensors").exists():
         print("writing the official folder ...", file=sys.stderr)
         (official / "params.json").write_text(json.dumps(to_params_json(args)))
         write_safetensors(official / "consolidated.safetensors", shapes, lambda n: _tensor(n, shapes[n]))
+    return official
+
+
+def make_hf(args: ModelArgs, root: Path) -> Path:
+    from gale.weights import model_shapes
+    from gale.weights.hf import hf_name, to_hf
+
+    shapes, hf = model_shapes(args), _folder(root, "hf")
     if not (hf / "model.safetensors.index.json").exists():
         print("writing the HF folder ...", file=sys.stderr)
         (hf / "config.json").write_text(json.dumps(to_hf_config(args)))
@@ -100,7 +111,14 @@ def make_folders(args: ModelArgs, root: Path) -> tuple[Path, Path]:
                               lambda h, ours=ours: to_hf(ours[h], _tensor(ours[h], shapes[ours[h]]), args)[1])
             weight_map.update(dict.fromkeys(ours, fname))
         (hf / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return official, hf
+    return hf
+
+
+def remove(path: Path) -> None:
+    """Free the disk a stage used (--keep skips it): the 7B run needs ~27 GB at a time instead of ~55 GB."""
+    for f in sorted(path.rglob("*"), reverse=True):
+        f.rmdir() if f.is_dir() and not f.is_symlink() else f.unlink()
+    path.rmdir() if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def make_llama_cpp_ggufs(official: Path, root: Path) -> dict[str, Path]:
@@ -113,10 +131,10 @@ def make_llama_cpp_ggufs(official: Path, root: Path) -> dict[str, Path]:
     from gale.weights import open_checkpoint, write_gguf
 
     f16 = root / "f16.gguf"
-    if not f16.exists():
+    if not f16.exists() and not all((root / f"llama.cpp.{s}.gguf").exists() for s in ("Q8_0", "Q4_K_M")):
         write_gguf(open_checkpoint(official), f16, "F16", tokenizer=load_tokenizer(official))
     out = {}
-    for scheme in ("Q8_0", "Q4_K_M"):
+    for scheme in ("Q8_0", "Q4_K_M"):  # skipped when already made (also with the F16 removed since)
         path = root / f"llama.cpp.{scheme}.gguf"
         if not path.exists():
             params = llama_cpp.llama_model_quantize_default_params()
@@ -169,6 +187,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--dim", type=int, default=4096)
     p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--keep", action="store_true", help="keep the folders and GGUFs (~55 GB at 7B) for a rerun")
     p.add_argument("--run", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--quantize", default="auto", help=argparse.SUPPRESS)
@@ -178,14 +197,19 @@ def main() -> None:
         return
     args = model_args(a)
     root = a.root / f"{args.n_layers}x{args.dim}"
-    official, hf = make_folders(args, root)
-    ggufs = make_llama_cpp_ggufs(official, root)
+    tidy = (lambda path: None) if a.keep else remove
     base = spawn(a, "torch")
+    official = make_official(args, root)
     runs = {"official, no flag": spawn(a, "gale", official),
             "official --quantize q8_0": spawn(a, "gale", official, "q8_0"),
-            "official --quantize q4_k": spawn(a, "gale", official, "q4_k"),
-            "hf --quantize q8_0": spawn(a, "gale", hf, "q8_0"),
-            **{f"llama.cpp {s} GGUF": spawn(a, "gale", path) for s, path in ggufs.items()}}
+            "official --quantize q4_k": spawn(a, "gale", official, "q4_k")}
+    ggufs = make_llama_cpp_ggufs(official, root)
+    tidy(official)
+    tidy(root / "f16.gguf")
+    runs.update({f"llama.cpp {s} GGUF": spawn(a, "gale", path) for s, path in ggufs.items()})
+    hf = make_hf(args, root)
+    runs["hf --quantize q8_0"] = spawn(a, "gale", hf, "q8_0")
+    tidy(hf)
     print(f"\n{args.n_params / 1e9:.2f} B parameters, {a.threads} threads; bare torch + gale: "
           f"{base.get('rss_mb', 0):,.0f} MB\n")
     print("| run | load s | peak RSS over torch MB | weights + KV MB | ratio | decode tok/s |")
