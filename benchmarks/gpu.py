@@ -450,35 +450,37 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
-@contextmanager
-def window_of(model: Transformer, window: int | None, context: int) -> Iterator[None]:
-    """The same weights under another window (None: full attention) and a context of at least `context`."""
-    old = model.args
-    model.args = replace(old, sliding_window=window, max_seq_len=max(old.max_seq_len, context))
-    try:
-        yield
-    finally:
-        model.args = old
+def same_weights(model: Transformer, args: ModelArgs) -> Transformer:
+    """A model built for `args` holding `model`'s tensors (no copy): built whole, so every module reads the new
+    args (the attention keeps its own window), not just `model.args`."""
+    with torch.device("meta"):
+        twin = Transformer(args).to(model.dtype)
+    twin.load_state_dict(model.state_dict(), strict=True, assign=True)
+    if meta := [n for n, t in twin.named_buffers() if t.is_meta]:
+        raise RuntimeError(f"buffers left on the meta device: {meta}")
+    return twin.eval().requires_grad_(False)
 
 
 def section_prefill(ctx: Context) -> dict:
-    """A long prompt in window-sized chunks (the engine's step budget), sliding window against full attention."""
+    """A long prompt in window-sized chunks (the engine's step budget), sliding window against full attention
+    (the same tensors in a model without a window); the last logits' difference shows the window took effect."""
     n, chunk = ctx.sizes.prefill, ctx.args.sliding_window or 4096
-    tokens, out = ctx.tokens(n, 3), {"tokens": n, "chunk": chunk}
-    for name, window in (("swa", ctx.args.sliding_window), ("full", None)):
-        with window_of(ctx.model, window, n):
-            def run() -> RollingCache:
-                cache = RollingCache(ctx.model.args, 1, device=ctx.device, dtype=ctx.dtype)
-                prefill(ctx.model, cache, tokens, chunk, last_only=True)
-                return cache
+    tokens, out, last = ctx.tokens(n, 3), {"tokens": n, "chunk": chunk}, {}
+    full = same_weights(ctx.model, replace(ctx.args, sliding_window=None, max_seq_len=max(ctx.args.max_seq_len, n)))
+    for name, model in (("swa", ctx.model), ("full", full)):
+        def run(model: Transformer = model, name: str = name) -> RollingCache:
+            cache = RollingCache(model.args, 1, device=ctx.device, dtype=ctx.dtype)
+            last[name] = prefill(model, cache, tokens, chunk, last_only=True)[-1]
+            return cache
 
-            cache = run()  # warm-up, and the cache's size
-            if ctx.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(ctx.device)
-            seconds = timed(ctx.device, run)
-            out[name] = {"seconds": seconds, "tok_s": n / seconds, "kv_cache_gb": cache.nbytes / GB,
-                         "peak_memory_gb": peak_gb(ctx.device)}
+        cache = run()  # warm-up, and the cache's size
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        seconds = timed(ctx.device, run)
+        out[name] = {"seconds": seconds, "tok_s": n / seconds, "kv_cache_gb": cache.nbytes / GB,
+                     "peak_memory_gb": peak_gb(ctx.device)}
     out["full_over_swa"] = out["full"]["seconds"] / out["swa"]["seconds"]
+    out["last_logits_max_diff"] = (last["full"] - last["swa"]).abs().max().item()
     return out
 
 

@@ -39,7 +39,8 @@ def test_tiny_run_has_every_section_and_matches_hf(gpu, tmp_path):
     assert {"gale_max_err_prompt_beyond_window", "gale_max_err_decode"} <= set(logits)  # the buffer rolled
     assert sections["decode"]["result"]["fraction_of_roofline_measured"] > 0
     assert set(sections["throughput"]["result"]) >= {"b2", "b4"}
-    assert sections["prefill"]["result"]["full"]["kv_cache_gb"] > sections["prefill"]["result"]["swa"]["kv_cache_gb"]
+    prefill = sections["prefill"]["result"]
+    assert prefill["full"]["kv_cache_gb"] > prefill["swa"]["kv_cache_gb"] and prefill["last_logits_max_diff"] > 0
     compiled = sections["compile"]["result"]
     assert compiled["identical_ids"] == compiled["tokens"] and compiled["max_logit_diff"] == 0
     a = gpu.TINY  # HF holds Gale's tensors; only q and k are copies (permuted rows)
