@@ -485,23 +485,27 @@ def section_prefill(ctx: Context) -> dict:
 
 
 def section_sdpa(ctx: Context) -> dict:
-    """Each SDPA backend on Gale's two attention shapes (GQA, boolean window mask): ms per call, or its refusal."""
+    """Each SDPA backend on Gale's attention shapes (GQA; the plan's boolean window mask, the float band mask of
+    gale.attention's query blocks, or none): ms per call, or its refusal."""
     from torch.nn.attention import SDPBackend
 
     a, w, dt = ctx.args, ctx.args.sliding_window or 4096, ctx.dtype
-    # queries, keys, masked: one token over a full buffer (with the plan's mask, and without: it is all True then),
-    # and a window-sized chunk over [buffer ; chunk] with the window's band
-    shapes = {"decode_b1": (1, w, True), "decode_b1_nomask": (1, w, False), "chunk": (w, 2 * w, True)}
+    # queries, keys, mask: one token over a full buffer (with the plan's mask, and without: it is all True then),
+    # a window-sized chunk over [buffer ; chunk] with the window's band (boolean, and as a float additive mask)
+    shapes = {"decode_b1": (1, w, "bool"), "decode_b1_nomask": (1, w, None), "chunk": (w, 2 * w, "bool"),
+              "chunk_float_mask": (w, 2 * w, "float")}
     names = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
     backends = {"default": None, **{n.lower(): getattr(SDPBackend, n) for n in names if hasattr(SDPBackend, n)}}
     out = {}
-    for shape, (nq, nk, masked) in shapes.items():
+    for shape, (nq, nk, kind) in shapes.items():
         q = torch.randn(1, a.n_heads, nq, a.head_dim, device=ctx.device, dtype=dt)
         k, v = (torch.randn(1, a.n_kv_heads, nk, a.head_dim, device=ctx.device, dtype=dt) for _ in range(2))
         qpos, kpos = torch.arange(nk - nq, nk, device=ctx.device)[:, None], torch.arange(nk, device=ctx.device)
-        mask = ((kpos <= qpos) & (kpos > qpos - w))[None, None] if masked else None
+        mask = ((kpos <= qpos) & (kpos > qpos - w))[None, None]
+        if kind == "float":
+            mask = torch.zeros(mask.shape, device=ctx.device, dtype=dt).masked_fill(~mask, float("-inf"))
         for name, backend in backends.items():
-            out[f"{shape}/{name}"] = sdpa_time(ctx.device, q, k, v, mask, backend)
+            out[f"{shape}/{name}"] = sdpa_time(ctx.device, q, k, v, mask if kind else None, backend)
     return out
 
 
