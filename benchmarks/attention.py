@@ -1,66 +1,201 @@
-"""Attention + KV cache cost at 16k tokens: sliding window (W=4096, rolling cache) vs full attention.
+"""Sliding-window attention (W=4096, rolling cache) vs full attention at 16k tokens: prefill, decode, memory.
 
-The seed claims SWA is 2x faster at 16k tokens with W=4096 (with FlashAttention/xFormers kernels that
-skip masked blocks). Gale's CPU path uses PyTorch SDPA with a dense mask over [cache ; chunk], so its
-cost follows the number of keys each chunk looks at; this prints what we measure, same machine, one run.
+The paper's 2x at 16k comes from kernels that compute only the scores a window lets a query see. Gale's
+prefill does that by query blocks (gale.attention); the dense masked path it replaced is measured next to it
+("dense": every chunk over [buffer ; chunk]), and full attention (window None, same weights) runs the same
+code. Each row prints the attention FLOPs the path actually computed (4 * head_dim per query-key score and
+head) and the ideal ratio (scores inside the window only).
 
-    python benchmarks/attention.py [--tokens 16384 --window 4096 --heads 8 --kv-heads 2]
+* attention-only rows: one attention layer (8 query / 2 KV heads of 128 by default), prefill chunks of
+  W/4, W/2, W and 2W; the chunk-W rows run each in a fresh process, so their peak RSS is their own.
+* whole-model rows: a Mistral-shaped model (32 query / 8 KV heads of 128 and dim 4096, as Mistral 7B; 2
+  layers instead of 32, an FFN of 1024 instead of 14336, 1000-token vocabulary, random fp32 weights)
+  prefilling in chunks of W, then decoding; `--model-tokens 16384 32768` adds 32k.
+
+    python benchmarks/attention.py [--tokens 16384 --window 4096 --model-tokens 16384 32768 --threads 2]
+    python benchmarks/attention.py --quick      # small sizes
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+from gale.attention import QUERY_BLOCK, scores_computed
 from gale.cache import RollingCache
 from gale.config import ModelArgs
-from gale.model import Attention, rope_rotations
+from gale.model import Attention, Transformer, rope_rotations
+
+PATHS = {"full": (False, QUERY_BLOCK), "full dense": (False, None), "SWA": (True, QUERY_BLOCK),
+         "SWA dense": (True, None)}  # label -> (windowed, query block)
 
 
-def run(args: ModelArgs, tokens: int, chunk: int, decode_steps: int) -> dict[str, float]:
+def peak_rss_mb() -> float:
+    """Peak RSS of this process (VmHWM) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def ideal_scores(tokens: int, window: int | None) -> int:
+    """Query-key scores per head inside the window (causal): query i sees min(i + 1, W) keys."""
+    if window is None or window >= tokens:
+        return tokens * (tokens + 1) // 2
+    return window * (window + 1) // 2 + (tokens - window) * window
+
+
+def layer_args(a: argparse.Namespace, window: int | None) -> ModelArgs:
+    return ModelArgs(dim=256, n_layers=1, head_dim=a.head_dim, hidden_dim=256, n_heads=a.heads,
+                     n_kv_heads=a.kv_heads, vocab_size=16, max_seq_len=a.tokens + a.decode_steps,
+                     sliding_window=window)
+
+
+def attention_run(a: argparse.Namespace, path: str, chunk: int) -> dict[str, float]:
+    """Chunked prefill of `a.tokens` then `a.decode_steps` decode steps through one attention layer."""
+    windowed, block = PATHS[path]
+    args = layer_args(a, a.window if windowed else None)
     torch.manual_seed(0)
     attn = Attention(args).eval()
-    cache = RollingCache(args, 1, capacity=None)
-    x = torch.randn(tokens, args.dim)
-    t0 = time.perf_counter()
+    attn.query_block = block
+    cache = RollingCache(args, 1)
+    x = torch.randn(a.tokens, args.dim)
+    scores = 0
     with torch.inference_mode():
-        for i in range(0, tokens, chunk):
-            meta = cache.prepare([0], [min(chunk, tokens - i)])
+        t0 = time.perf_counter()
+        for i in range(0, a.tokens, chunk):
+            meta = cache.prepare([0], [min(chunk, a.tokens - i)])
+            scores += scores_computed(meta, args.sliding_window, block)
             attn(x[i : i + chunk], rope_rotations(meta.positions, args.head_dim, args.rope_theta), meta, cache, 0)
         prefill = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for _ in range(decode_steps):
+        for _ in range(a.decode_steps):
             meta = cache.prepare([0], [1])
             attn(x[:1], rope_rotations(meta.positions, args.head_dim, args.rope_theta), meta, cache, 0)
-        decode = (time.perf_counter() - t0) / decode_steps
-    return {"prefill_s": prefill, "decode_ms": decode * 1e3, "cache_mib": cache.nbytes / 2**20}
+        decode = (time.perf_counter() - t0) / a.decode_steps
+    return {"prefill_s": prefill, "decode_ms": decode * 1e3, "cache_mib": cache.nbytes / 2**20,
+            "gflop": 4 * args.head_dim * args.n_heads * scores / 1e9, "peak_mb": peak_rss_mb()}
+
+
+def in_child(a: argparse.Namespace, path: str, chunk: int) -> dict[str, float]:
+    """attention_run in a fresh process, so that its peak RSS is that path's alone."""
+    cmd = [sys.executable, __file__, "--child", json.dumps({"path": path, "chunk": chunk, "args": vars(a)})]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def attention_table(a: argparse.Namespace) -> None:
+    ideal = ideal_scores(a.tokens, None) / ideal_scores(a.tokens, a.window)
+    print(f"\nattention only: one layer, {a.heads} query / {a.kv_heads} KV heads of {a.head_dim}, {a.tokens} tokens, "
+          f"W={a.window}, query blocks of {QUERY_BLOCK}, {torch.get_num_threads()} threads; ideal FLOP ratio "
+          f"full / SWA {ideal:.2f}x")
+    print("| chunk | path | prefill s | full / this (time) | attention GFLOP | full / this (FLOPs) | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|")
+    decode = {}
+    for chunk in sorted({max(1, a.window // 4), max(1, a.window // 2), a.window, 2 * a.window}):
+        fresh = chunk == a.window
+        rows = {p: in_child(a, p, chunk) if fresh else attention_run(a, p, chunk) for p in PATHS}
+        for p, r in rows.items():
+            peak = f"{r['peak_mb']:.0f}" if fresh else "-"
+            print(f"| {chunk} | {p} | {r['prefill_s']:.3f} | {rows['full']['prefill_s'] / r['prefill_s']:.2f}x | "
+                  f"{r['gflop']:.1f} | {rows['full']['gflop'] / r['gflop']:.2f}x | {peak} |")
+        if fresh:
+            decode = rows
+    print(f"\n| one layer at {a.tokens} | full attention | SWA W={a.window} | full / SWA |\n|---|---|---|---|")
+    for key, label in (("decode_ms", "decode (ms/token)"), ("cache_mib", "KV cache (MiB)")):
+        full, swa = decode["full"][key], decode["SWA"][key]
+        print(f"| {label} | {full:.3f} | {swa:.3f} | {full / swa:.2f}x |")
+
+
+def mistral_shaped(a: argparse.Namespace, tokens: int, window: int | None) -> ModelArgs:
+    return ModelArgs(dim=4096, n_layers=a.model_layers, head_dim=128, hidden_dim=a.model_hidden, n_heads=32,
+                     n_kv_heads=8, vocab_size=1000, max_seq_len=tokens + a.decode_steps, sliding_window=window)
+
+
+def model_run(model: Transformer, block: int | None, tokens: int, chunk: int, steps: int) -> dict[str, float]:
+    """Chunked prefill of `tokens` random ids (last logits only), then `steps` decode steps."""
+    for layer in model.layers:
+        layer.attention.query_block = block
+    args = model.args
+    cache = RollingCache(args, 1)
+    ids = torch.randint(0, args.vocab_size, (tokens + steps,), generator=torch.Generator().manual_seed(0))
+    scores = 0
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for i in range(0, tokens, chunk):
+            meta = cache.prepare([0], [min(chunk, tokens - i)])
+            scores += scores_computed(meta, args.sliding_window, block)
+            model(ids[i : min(i + chunk, tokens)], meta, cache, last_only=True)
+        prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for t in range(tokens, tokens + steps):
+            model(ids[t : t + 1], cache.prepare([0], [1]), cache)
+        decode = (time.perf_counter() - t0) / steps
+    gflop = 4 * args.head_dim * args.n_heads * args.n_layers * scores / 1e9
+    return {"prefill_s": prefill, "decode_ms": decode * 1e3, "attn_gflop": gflop}
+
+
+def model_table(a: argparse.Namespace) -> None:
+    probe = mistral_shaped(a, 1, a.window)
+    torch.manual_seed(0)
+    swa = Transformer(probe).eval()
+    linear = sum(p.numel() for n, p in swa.named_parameters() if n.startswith("layers.") and p.dim() == 2)
+    print(f"\nwhole model: dim 4096, 32 query / 8 KV heads of 128 (Mistral 7B's), {a.model_layers} layers, FFN "
+          f"{a.model_hidden}, vocab 1000, fp32, prefill chunks of W={a.window}, {torch.get_num_threads()} threads")
+    print("| tokens | path | prefill s | full / this | attention GFLOP | + linear GFLOP | ideal attention ratio | "
+          "decode ms/token | full / this |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for tokens in a.model_tokens:
+        full = Transformer(mistral_shaped(a, tokens, None)).eval()
+        full.load_state_dict(swa.state_dict(), assign=True)  # the same weights, shared
+        swa.args = mistral_shaped(a, tokens, a.window)
+        runs = {"full": model_run(full, QUERY_BLOCK, tokens, a.window, a.decode_steps),
+                "SWA": model_run(swa, QUERY_BLOCK, tokens, a.window, a.decode_steps),
+                "SWA dense": model_run(swa, None, tokens, a.window, a.decode_steps)}
+        ideal = ideal_scores(tokens, None) / ideal_scores(tokens, a.window)
+        for p, r in runs.items():
+            f = runs["full"]
+            print(f"| {tokens} | {p} | {r['prefill_s']:.2f} | {f['prefill_s'] / r['prefill_s']:.2f}x | "
+                  f"{r['attn_gflop']:.0f} | {2 * linear * tokens / 1e9:.0f} | {ideal:.2f}x | {r['decode_ms']:.1f} | "
+                  f"{f['decode_ms'] / r['decode_ms']:.2f}x |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--tokens", type=int, default=16384, help="attention-only prefill length")
     p.add_argument("--window", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8, help="attention-only rows' query heads")
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--decode-steps", type=int, default=20)
+    p.add_argument("--model-tokens", type=int, nargs="*", default=None, help="whole-model prefill lengths "
+                   "(default: --tokens; none given: no model rows)")
+    p.add_argument("--model-layers", type=int, default=2)
+    p.add_argument("--model-hidden", type=int, default=1024, help="the model's FFN width")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="2048 tokens, W=512, a 1024-token model run")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # one attention-only run in this process (in_child)
     a = p.parse_args()
+    if a.child:
+        job = json.loads(a.child)
+        torch.set_num_threads(job["args"]["threads"] or torch.get_num_threads())
+        print(json.dumps(attention_run(argparse.Namespace(**job["args"]), job["path"], job["chunk"])))
+        return
+    if a.quick:
+        a.tokens, a.window, a.model_tokens, a.decode_steps = 2048, 512, [1024], 4
+    if a.model_tokens is None:
+        a.model_tokens = [a.tokens]
     if a.threads:
         torch.set_num_threads(a.threads)
-    shape = dict(dim=256, n_layers=1, head_dim=a.head_dim, hidden_dim=256, n_heads=a.heads, n_kv_heads=a.kv_heads,
-                 vocab_size=16, max_seq_len=a.tokens + a.decode_steps)
-    swa = run(ModelArgs(**shape, sliding_window=a.window), a.tokens, a.window, a.decode_steps)
-    full = run(ModelArgs(**shape, sliding_window=None), a.tokens, a.window, a.decode_steps)
-    print(f"one attention layer, {a.heads} query / {a.kv_heads} KV heads of {a.head_dim}, {a.tokens} tokens, "
-          f"prefill chunk {a.window}, {torch.get_num_threads()} threads")
-    print(f"| {'':24} | {'full attention':>15} | {f'SWA W={a.window}':>15} | {'full / SWA':>10} |")
-    print(f"|{'-' * 26}|{'-' * 17}|{'-' * 17}|{'-' * 12}|")
-    for key, label in (("prefill_s", "chunked prefill (s)"), ("decode_ms", f"decode @ {a.tokens} (ms/token)"),
-                       ("cache_mib", "KV cache (MiB)")):
-        print(f"| {label:24} | {full[key]:15.3f} | {swa[key]:15.3f} | {full[key] / swa[key]:9.2f}x |")
+    attention_table(a)
+    if a.model_tokens:
+        model_table(a)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,11 @@ import torch.nn.functional as F
 
 from .cache import BatchMeta, RollingCache
 
-# Queries per block, measured on the 2-core CPU (benchmarks/NOTES.md): smaller blocks waste fewer masked
-# scores (block - 1 per query), larger ones run SDPA at a higher rate.
-QUERY_BLOCK = 256
+# Queries per block, measured on the 2-core CPU (benchmarks/NOTES.md): a block computes block - 1 masked
+# scores per query, but torch's CPU flash kernel tiles 768 queries and more by 256 rows (fewer: by 64 or 32),
+# which runs ~20% faster per score. A W=4096 chunk by blocks of 768: 1.56-1.73x the dense path in four runs,
+# 192-512: 1.48-1.89x, noisier.
+QUERY_BLOCK = 768
 
 
 def pays(meta: BatchMeta, block: int | None) -> bool:
@@ -137,3 +139,16 @@ def scores_computed(meta: BatchMeta, window: int | None, block: int | None) -> i
         held = min(start, meta.buffer_len) if meta.buffer_len else 0
         total += sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in block_ranges(n, held + n, window, block))
     return total
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per sequence: q `[B, heads, d]` over keys/values `[B, kv_heads, K, d]` under `mask`
+    `[B, 1, 1, K]` -> `[B, heads, d]`, as two batched products over each KV head's query group.
+
+    SDPA's CPU kernel tiles one query row at a time against blocks of 512 keys; these two products are 2-3x
+    faster for 4k-16k keys (benchmarks/NOTES.md). fp32 only: half-precision scores keep SDPA's fp32 accumulators.
+    """
+    b, heads, d = q.shape
+    groups = q.view(b, keys.shape[1], heads // keys.shape[1], d)  # query heads h*G..h*G+G-1 share KV head h
+    scores = torch.matmul(groups, keys.transpose(-1, -2)).mul_(d**-0.5).masked_fill_(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), values).view(b, heads, d)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from .attention import QUERY_BLOCK, pays, prefill_by_blocks
+from .attention import QUERY_BLOCK, decode_attention, pays, prefill_by_blocks
 from .cache import BatchMeta, RollingCache, plan
 from .config import ModelArgs
 
@@ -87,6 +87,8 @@ class Attention(nn.Module):
             # One new token per sequence: store it, then attend over the buffer alone.
             cache.store(layer, meta, k, v)
             keys, values = cache.keys_values(layer, meta)
+            if q.device.type == "cpu" and q.dtype == torch.float32:
+                return self.wo(decode_attention(q, keys, values, meta.mask).reshape(n, -1))
             out = F.scaled_dot_product_attention(q[:, :, None], keys, values, meta.mask, enable_gqa=True)
             return self.wo(out.reshape(n, -1))
 
