@@ -706,8 +706,9 @@ def flatten(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix, node
 
 
-def markdown(report: dict) -> str:
-    """The headline table, then every section's scalars (profiles' operator tables stay in the JSON)."""
+def markdown(report: dict, every_metric: bool = True) -> str:
+    """The headline table, the sections' status, then every section's scalars (profiles' operator tables stay
+    in the JSON)."""
     lines = [f"# Gale on {report['meta']['device_name']}", "", f"{report['meta']['summary']}", "",
              "| what | value | target |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in headline(report["sections"])]
@@ -715,6 +716,8 @@ def markdown(report: dict) -> str:
     for name, entry in report["sections"].items():
         status = "ok" if entry["ok"] else entry["error"].replace("|", "/")[:160]
         lines.append(f"| {name} | {status} | {fmt(entry['seconds'])} | {fmt(entry['peak_memory_gb'])} |")
+    if not every_metric:
+        return "\n".join(lines) + "\n"
     lines += ["", "| section | metric | value |", "|---|---|---|"]
     for name, entry in report["sections"].items():
         for key, value in flatten(entry.get("result", {})):
@@ -787,7 +790,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["meta"]["summary"] = summary(ctx.results, time.perf_counter() - t_start)
     report["meta"]["total_s"] = time.perf_counter() - t_start
     write(report, a.out)
-    print(markdown(report))
+    print(markdown(report, every_metric=False))  # the last of the output a short tail shows; the rest in gpu.md
     return report
 
 
