@@ -404,7 +404,7 @@ static inline __attribute__((always_inline)) void row_dot_q45k(int64_t kind, con
  * scales of 16 columns: a 32-column product's lanes 0-3 take scale 2 p, lanes 4-7 scale 2 p + 1. */
 static inline __attribute__((always_inline)) void row_dot_q6k(const uint8_t *row, const gale_xq *xq, int64_t nb,
                                                               const int N, float *out) {
-    const __m256i nibble = _mm256_set1_epi8(0x0f), three = _mm256_set1_epi8(3), z = _mm256_setzero_si256();
+    const __m256i nibble = _mm256_set1_epi8(0x0f), bits45 = _mm256_set1_epi8(0x30), z = _mm256_setzero_si256();
     __m256 acc[XQ_VECTORS];
     for (int v = 0; v < N; v++) acc[v] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -431,7 +431,11 @@ static inline __attribute__((always_inline)) void row_dot_q6k(const uint8_t *row
                               _mm256_and_si256(_mm256_srli_epi16(r0, 4), nibble),
                               _mm256_and_si256(_mm256_srli_epi16(r1, 4), nibble)};
             for (int part = 0; part < 4; part++) {
-                __m256i top = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * part), three), 4);
+                /* bits 2 part, 2 part + 1 of each qh byte to bits 4-5 (16-bit shifts: the mask drops what
+                 * crosses from the neighbouring byte) */
+                __m256i moved = part < 2 ? _mm256_slli_epi16(qh, 4 - 2 * part)
+                                         : part == 2 ? qh : _mm256_srli_epi16(qh, 2);
+                __m256i top = _mm256_and_si256(moved, bits45);
                 __m256i w = _mm256_or_si256(low[part], top);
                 __m256i l = _mm256_unpacklo_epi8(w, z), h = _mm256_unpackhi_epi8(w, z);
                 __m256i pick = _mm256_setr_epi32(2 * part, 2 * part, 2 * part, 2 * part, 2 * part + 1, 2 * part + 1,
