@@ -53,7 +53,7 @@ def ideal_scores(tokens: int, window: int | None) -> int:
 
 def layer_args(a: argparse.Namespace, window: int | None) -> ModelArgs:
     return ModelArgs(dim=256, n_layers=1, head_dim=a.head_dim, hidden_dim=256, n_heads=a.heads,
-                     n_kv_heads=a.kv_heads, vocab_size=16, max_seq_len=a.tokens + a.decode_steps,
+                     n_kv_heads=a.kv_heads, vocab_size=16, max_seq_len=a.tokens + a.decode_steps + 1,
                      sliding_window=window)
 
 
@@ -74,10 +74,15 @@ def attention_run(a: argparse.Namespace, path: str, chunk: int) -> dict[str, flo
             scores += scores_computed(meta, args.sliding_window, block)
             attn(x[i : i + chunk], rope_rotations(meta.positions, args.head_dim, args.rope_theta), meta, cache, 0)
         prefill = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(a.decode_steps):
+
+        def decode_step() -> None:
             meta = cache.prepare([0], [1])
             attn(x[:1], rope_rotations(meta.positions, args.head_dim, args.rope_theta), meta, cache, 0)
+
+        decode_step()  # warm-up, untimed
+        t0 = time.perf_counter()
+        for _ in range(a.decode_steps):
+            decode_step()
         decode = (time.perf_counter() - t0) / a.decode_steps
     return {"prefill_s": prefill, "decode_ms": decode * 1e3, "cache_mib": cache.nbytes / 2**20,
             "gflop": 4 * args.head_dim * args.n_heads * scores / 1e9, "peak_mb": peak_rss_mb()}
