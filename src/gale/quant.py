@@ -35,6 +35,7 @@ from .model import rope_rotations
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))  # compiled into one library
 GEMV_MAX_VECTORS = 8  # vectors per fp32 pass of the kernel over the blocks (MAX_VECTORS)
 GEMM_MIN_VECTORS = 64  # above this many vectors, dequantize the layer and use torch's GEMM (prefill)
+GEMM_SLICE_VALUES = 1 << 23  # fp32 weights dequantized at a time for the GEMM (32 MB)
 KINDS = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")  # kernels.c's GALE_Q4_0 .. GALE_Q6_K
 
 
@@ -142,11 +143,23 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous():
             return self(x.reshape(-1, self.in_features).float().contiguous()).reshape(*x.shape[:-1], -1)
-        if x.shape[0] > GEMM_MIN_VECTORS or x.requires_grad:
+        if x.requires_grad:
             return torch.nn.functional.linear(x, self.dequantized())
+        if x.shape[0] > GEMM_MIN_VECTORS:
+            return self._gemm(x)
         y = torch.empty(x.shape[0], self.out_features)
         self._lib.gale_gemv(self._mat, x.data_ptr(), y.data_ptr(), x.shape[0], torch.get_num_threads())
         return y
+
+    def _gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T by torch's GEMM with W dequantized GEMM_SLICE_VALUES at a time: a 14336x4096 layer holds 32 MB
+        of fp32 at once instead of 235 MB (what a 7B prefill's peak RSS carried), at the same speed."""
+        rows = max(1, GEMM_SLICE_VALUES // self.in_features)
+        yt = torch.empty(self.out_features, x.shape[0])
+        for r0 in range(0, self.out_features, rows):
+            index = torch.arange(r0, min(r0 + rows, self.out_features))
+            torch.mm(self.rows(index), x.T, out=yt[r0:r0 + rows])
+        return yt.T.contiguous()
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight `[out, in]` (exactly the values the loaders' dequantization gives)."""
