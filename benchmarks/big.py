@@ -61,7 +61,8 @@ def make_files(cache: Path, layers: int, kinds: list[str], threads: int) -> dict
 
     cache.mkdir(parents=True, exist_ok=True)
     f16 = cache / f"mistral-7b-shaped-{layers}L.F16.gguf"
-    if not f16.exists():
+    derived = [cache / f"mistral-7b-shaped-{layers}L.{kind}.gguf" for kind in kinds]
+    if not f16.exists() and not all(p.exists() for p in derived):  # the F16 may be deleted once they are made
         import mistral_common
 
         v1 = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
