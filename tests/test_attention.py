@@ -9,7 +9,7 @@ import torch
 from test_engine import CharTokenizer, reference_greedy
 from test_model import assert_close, chunked, hf_logits, reference_pair, tiny_args
 
-from gale.attention import band_mask, block_ranges, scores_computed, window_attention
+from gale.attention import _tiled_block, band_mask, block_ranges, scores_computed, tile_window, window_attention
 from gale.cache import RollingCache, plan
 from gale.config import ModelArgs
 from gale.engine import Engine
@@ -52,6 +52,15 @@ def test_band_mask_docstring_example_and_unmasked_blocks():
     assert band_mask(0, 1, 1, None, torch.float32, torch.device("cpu")) is None
 
 
+def test_tiled_block_docstring_example():
+    """Window 4, 3 queries whose own keys are 4..6: edge, middle and diagonal tiles equal the naive softmax."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 2, 8, generator=g)
+    keys, values = torch.randn(1, 7, 8, generator=g), torch.randn(1, 7, 8, generator=g)
+    got = _tiled_block(q.transpose(0, 1)[None], keys[None], values[None], 4, 4)[0].transpose(0, 1)
+    assert (got - naive(q, keys, values, 4)).abs().max() < 1e-5
+
+
 def test_history_unrolls_the_ring_in_position_order():
     args = ModelArgs(dim=8, n_layers=1, head_dim=2, hidden_dim=8, n_heads=1, n_kv_heads=1, vocab_size=4,
                      sliding_window=4, max_seq_len=64)
@@ -75,8 +84,9 @@ def test_window_attention_equals_the_naive_softmax(window):
         keys, values = torch.randn(2, held + n_q, 8, generator=g), torch.randn(2, held + n_q, 8, generator=g)
         ref = naive(q, keys, values, window)
         for block in (1, 2, 3, 7, 64):
-            got = window_attention(q, keys, values, window, block, {})
-            assert (got - ref).abs().max() < 1e-5, (n_q, held, block)
+            for tiled in (False, True):  # band masks; unmasked tiles merged by log-sum-exp
+                got = window_attention(q, keys, values, window, block, {}, tiled)
+                assert (got - ref).abs().max() < 1e-5, (n_q, held, block, tiled)
 
 
 @pytest.mark.parametrize("window", [1, 2, 3, 4, 7, 16])
@@ -210,11 +220,20 @@ def test_gradients_by_blocks_equal_the_dense_path():
 
 
 def test_scores_computed_counts_what_each_path_covers():
-    # one chunk of 8 queries after 4 held keys, window 4, blocks of 2: each block reads 2 + 3 keys
+    # one chunk of 8 queries after 4 held keys, window 4, blocks of 2: band ranges of 2 + 3 keys, or tiles of W
     meta = plan([8], [4], 4, capacity=4, slots=[0])
-    assert scores_computed(meta, 4, 2) == 4 * 2 * 5
+    assert scores_computed(meta, 4, 2, tiled=False) == 4 * 2 * 5
+    assert scores_computed(meta, 4, 2) == 8 * 4
     assert scores_computed(meta, 4, None) == 8 * 12  # dense: every query over [buffer ; chunk]
     assert scores_computed(meta, 4, 8) == 8 * 12  # one block: the dense path is kept
     ragged = plan([8, 1], [4, 2], 4, capacity=4, slots=[0, 1])
-    assert scores_computed(ragged, 4, 2) == 4 * 2 * 5 + 3
-    assert scores_computed(plan([5], [0], None), None, 2) == 2 * 2 + 2 * 4 + 1 * 5
+    assert scores_computed(ragged, 4, 2) == 8 * 4 + 3
+    full = plan([5], [0], None)
+    assert scores_computed(full, None, 2, tiled=False) == 2 * 2 + 2 * 4 + 1 * 5
+    assert scores_computed(full, None, 2) == 15  # causal: 1 + 2 + 3 + 4 + 5
+
+
+def test_tile_window_docstring_example():
+    assert tile_window(4, 3, 4) == 4 and tile_window(0, 3, 4) is None and tile_window(2, 3, 4) is False
+    assert tile_window(9, 5, 4) is False  # a block longer than the window keeps its band mask
+    assert tile_window(9, 5, None) is None

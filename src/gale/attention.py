@@ -3,18 +3,22 @@
 The dense path attends a chunk of C queries over `[buffer ; chunk]` under a mask: with C = W that is W x 2W
 scores, about half of them masked, the same work as full attention at 16k. Here each sequence's keys are laid
 out in position order (the rolling buffer unrolled, `RollingCache.history`: at most two ring segments, then the
-chunk's own keys) and its queries are cut into blocks of `QUERY_BLOCK`; a block attends to the one contiguous
-key range its queries' windows reach (at most W + block - 1 keys), so keys no query of the block sees are never
-read, and a block whose range is all visible (a single query inside the window) gets no mask at all. The band
-mask of the other blocks hides block - 1 keys on each side of the range: the work is C x (W + block - 1)
-instead of C x (buffer + C).
+chunk's own keys) and its queries are cut into blocks of `QUERY_BLOCK`; a block reads only the one contiguous
+key range its queries' windows reach (at most W + block - 1 keys): keys no query of the block sees are never
+read. Two ways to run a block:
 
-Same arithmetic as the dense path (fp32 softmax of SDPA over the keys a query sees; masked keys add exp(-inf)
-= 0 there), so the numbers agree to rounding. It runs on PyTorch's SDPA over contiguous slices, so it is the
-same code on any device and needs no compilation. On a GPU, SDPA dispatches each block to its flash or
-memory-efficient kernel (they take a float band mask); FlexAttention with a sliding-window BlockMask would
-skip the masked tiles inside the kernel too, but it needs `torch.compile` and could not be measured here (no
-GPU in this session), so it is not used: see benchmarks/NOTES.md.
+* tiles (CPU, fp32 inference): the range split into an unmasked middle every query sees, the causal diagonal
+  and the window's edge (causal once reversed), each by torch's CPU flash kernel, merged by their log-sum-exps:
+  exactly W scores per query (C x W in all), no mask at all.
+* band mask (any device, training, blocks near a sequence's start): one public SDPA call over the range under a
+  float band mask, which hides block - 1 keys per query: C x (W + block - 1).
+
+Same arithmetic as the dense path (fp32 softmax over the keys a query sees; hidden keys add nothing), so the
+numbers agree to rounding. The band path is PyTorch's SDPA over contiguous slices, the same code on any device,
+no compilation. On a GPU SDPA dispatches each block to its flash or memory-efficient kernel (they take a float
+mask); FlexAttention with a sliding-window BlockMask would skip the masked tiles inside one kernel, but it
+needs `torch.compile` and could not be measured here (no GPU in this session), so it is not used
+(benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -24,17 +28,17 @@ import torch.nn.functional as F
 
 from .cache import BatchMeta, RollingCache
 
-# Queries per block, measured on the 2-core CPU (benchmarks/NOTES.md): a block computes block - 1 masked
-# scores per query, but torch's CPU flash kernel tiles 768 queries and more by 256 rows (fewer: by 64 or 32),
-# which runs ~20% faster per score. A W=4096 chunk by blocks of 768: 1.56-1.73x the dense path in four runs,
-# 192-512: 1.48-1.89x, noisier.
-QUERY_BLOCK = 768
+# Queries per block, measured on the 2-core CPU (benchmarks/NOTES.md), one W=4096 chunk after 2W tokens vs the
+# dense path: tiles (CPU inference) 768: 1.85x, 1024: 1.99x, 2048: 2.03x (bigger blocks, bigger kernel tiles);
+# band masks alone (which compute block - 1 hidden scores per query) 768: 1.56-1.73x, 192-512: 1.33-1.89x.
+# 1024 keeps chunks of W/2 on the block path (only chunks longer than a block take it).
+QUERY_BLOCK = 1024
 
 
 def pays(meta: BatchMeta, block: int | None) -> bool:
-    """Whether the block path saves work for this forward: only a chunk longer than one block has keys that
-    some of its queries' windows miss (one block's range is its whole [buffer ; chunk], the buffer holding no
-    more than the window), so shorter chunks and decode steps keep the dense path."""
+    """Whether this forward takes the block path: a step with a chunk longer than one block. A chunk of at most
+    one block reads at most W + block keys per query on either path (the buffer holds no more than the window),
+    so such steps and decode steps keep the dense path: one batched call."""
     return block is not None and not meta.decode and meta.max_len > block
 
 
@@ -80,6 +84,46 @@ def band_mask(
     return torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
 
 
+def _flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's CPU flash kernel: output `[1, heads, L, d]` and the log-sum-exp of each row's scores `[1, heads, L]`
+    (what merging attention over separate key ranges needs; public SDPA does not return it). GQA heads as SDPA's."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+
+
+def _tiled_block(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, own: int, window: int | None
+) -> torch.Tensor:
+    """One block of b queries `[1, heads, b, d]` whose own keys start at index `own`, as key tiles without masks,
+    merged by their log-sum-exps: exactly the scores the window allows (up to the kernel's causal tiling).
+
+    Worked example, window 4, b = 3, own = 4 (queries see keys 1..4, 2..5, 3..6): the edge keys 1..2 (query 0
+    sees both, query 1 key 2: causal once both are reversed), the middle key 3 (all three, no mask) and the
+    diagonal 4..6 (causal). Without a window the middle is every key before `own` and there is no edge.
+    """
+    b = q.shape[2]
+    mid = 0 if window is None else own + b - window  # first key every query of the block sees
+    parts = [_flash_lse(q, keys[:, :, own : own + b], values[:, :, own : own + b], True)]
+    if mid < own:
+        parts.append(_flash_lse(q, keys[:, :, mid:own], values[:, :, mid:own], False))
+    if window is not None and b > 1:  # queries 0..b-2 see keys own-W+1+j for j >= their row: causal reversed
+        lo = own - window + 1
+        out, lse = _flash_lse(q[:, :, : b - 1].flip(2), keys[:, :, lo:mid].flip(2), values[:, :, lo:mid].flip(2), True)
+        parts.append((F.pad(out.flip(2), (0, 0, 0, 1)), F.pad(lse.flip(2), (0, 1), value=float("-inf"))))
+    lse = torch.stack([lse for _, lse in parts]).logsumexp(0)
+    return sum(out * (part_lse - lse).exp()[..., None] for out, part_lse in parts)
+
+
+def tile_window(own: int, n_queries: int, window: int | None) -> int | None | bool:
+    """The window `_tiled_block` can run a block with: `window` when every query's window lies inside the keys
+    (and the block is no longer than it), None when no query's window reaches before key 0 (causal alone), False
+    when neither (a block straddling key 0 keeps its band mask). E.g. window 4: own 4, 3 queries -> 4; own 0,
+    3 queries (windows from keys -3, -2, -1: all keys up to themselves) -> None; own 2, 3 queries (query 0's
+    window starts before key 0, query 2's at key 1) -> False."""
+    if window is None or own + n_queries - window <= 0:
+        return None
+    return window if own - window + 1 >= 0 and n_queries <= window else False
+
+
 def window_attention(
     q: torch.Tensor,
     keys: torch.Tensor,
@@ -87,18 +131,28 @@ def window_attention(
     window: int | None,
     block: int,
     masks: dict[tuple, torch.Tensor | None],
+    tiled: bool = False,
 ) -> torch.Tensor:
     """One sequence's attention by query blocks: q `[C, heads, d]`, keys/values `[kv_heads, K, d]` in position
-    order ending with the C queries' own. Returns `[C, heads, d]`. `masks` memoizes `band_mask` by shape."""
+    order ending with the C queries' own. Returns `[C, heads, d]`. `masks` memoizes `band_mask` by shape.
+
+    `tiled` (CPU inference): a block whose window lies wholly inside the keys runs as unmasked tiles merged by
+    log-sum-exp (`_tiled_block`) instead of one SDPA call under a band mask (~15% faster at W=4096: no masked
+    scores); the others, near the start of a sequence, keep the band mask.
+    """
     n_q, n_k = q.shape[0], keys.shape[1]
-    qt = q.transpose(0, 1)[None]  # [1, heads, C, d]
+    qt, kt, vt = q.transpose(0, 1)[None], keys[None], values[None]  # [1, heads, C, d], [1, kv_heads, K, d]
     outs = []
     for q0, q1, k0, k1 in block_ranges(n_q, n_k, window, block):
-        shape = (n_k - n_q + q0 - k0, q1 - q0, k1 - k0)
+        own = n_k - n_q + q0
+        if tiled and (reach := tile_window(own, q1 - q0, window)) is not False:
+            outs.append(_tiled_block(qt[:, :, q0:q1], kt, vt, own, reach))
+            continue
+        shape = (own - k0, q1 - q0, k1 - k0)
         if shape not in masks:
             masks[shape] = band_mask(*shape, window, q.dtype, q.device)
         outs.append(F.scaled_dot_product_attention(
-            qt[:, :, q0:q1], keys[None, :, k0:k1], values[None, :, k0:k1], masks[shape], enable_gqa=True))
+            qt[:, :, q0:q1], kt[:, :, k0:k1], vt[:, :, k0:k1], masks[shape], enable_gqa=True))
     return torch.cat(outs, dim=2)[0].transpose(0, 1)
 
 
@@ -114,6 +168,8 @@ def prefill_by_blocks(
 ) -> torch.Tensor:
     """Packed q `[N, heads, d]`, k/v `[N, kv_heads, d]` -> packed attention output `[N, heads, d]`, one
     sequence at a time (no padding: each keeps its own length), each over its buffer then its own chunk."""
+    # The tiles call torch's CPU flash kernel directly (inference: its backward is not needed, nor promised)
+    tiled = q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_grad_enabled()
     outs, offset = [], 0
     for b, n in enumerate(meta.seqlens):
         rows = slice(offset, offset + n)
@@ -123,13 +179,14 @@ def prefill_by_blocks(
             old_k, old_v = cache.history(layer, meta.slot_ids[b], meta.starts[b])
             keys = torch.cat((*old_k, keys), dim=1).to(q.dtype)
             values = torch.cat((*old_v, values), dim=1).to(q.dtype)
-        outs.append(window_attention(q[rows], keys, values, window, block, meta.block_masks))
+        outs.append(window_attention(q[rows], keys, values, window, block, meta.block_masks, tiled))
     return torch.cat(outs)
 
 
-def scores_computed(meta: BatchMeta, window: int | None, block: int | None) -> int:
+def scores_computed(meta: BatchMeta, window: int | None, block: int | None, tiled: bool = True) -> int:
     """Query-key scores one attention head computes for this forward (the benchmark's FLOP count: 4 d per
-    score): what `prefill_by_blocks` covers, or the dense path's padded [B, Cmax] x [buffer ; chunk]."""
+    score): what `prefill_by_blocks` covers (`tiled`: as on the CPU in inference; the kernel's causal tiles
+    add a little), or the dense path's padded [B, Cmax] x [buffer ; chunk]."""
     if meta.decode:
         return meta.batch_size * meta.buffer_len
     if not pays(meta, block):
@@ -137,7 +194,12 @@ def scores_computed(meta: BatchMeta, window: int | None, block: int | None) -> i
     total = 0
     for n, start in zip(meta.seqlens, meta.starts):
         held = min(start, meta.buffer_len) if meta.buffer_len else 0
-        total += sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in block_ranges(n, held + n, window, block))
+        for q0, q1, k0, k1 in block_ranges(n, held + n, window, block):
+            reach = tile_window(held + q0, q1 - q0, window) if tiled else False
+            if reach is False:
+                total += (q1 - q0) * (k1 - k0)  # the band mask's whole range
+            else:  # each query its own window (reach) or every key up to itself
+                total += (q1 - q0) * reach if reach else (q1 - q0) * (held + q0) + (q1 - q0) * (q1 - q0 + 1) // 2
     return total
 
 
