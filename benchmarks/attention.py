@@ -10,7 +10,8 @@ head) and the ideal ratio (scores inside the window only).
   W/4, W/2, W and 2W; the chunk-W rows run each in a fresh process, so their peak RSS is their own.
 * whole-model rows: a Mistral-shaped model (32 query / 8 KV heads of 128 and dim 4096, as Mistral 7B; 2
   layers instead of 32, an FFN of 1024 instead of 14336, 1000-token vocabulary, random fp32 weights)
-  prefilling in chunks of W, then decoding; `--model-tokens 16384 32768` adds 32k.
+  prefilling in chunks of W, then decoding; `--model-tokens 16384 32768` adds 32k. Its linear layers cost the
+  same in both (printed), so the model's ideal ratio is below attention's: (linear + full) / (linear + SWA).
 
     python benchmarks/attention.py [--tokens 16384 --window 4096 --model-tokens 16384 32768 --threads 2]
     python benchmarks/attention.py --quick      # small sizes
@@ -119,7 +120,7 @@ def attention_table(a: argparse.Namespace) -> None:
 
 
 def mistral_shaped(a: argparse.Namespace, tokens: int, window: int | None) -> ModelArgs:
-    return ModelArgs(dim=4096, n_layers=a.model_layers, head_dim=128, hidden_dim=a.model_hidden, n_heads=32,
+    return ModelArgs(dim=a.model_dim, n_layers=a.model_layers, head_dim=128, hidden_dim=a.model_hidden, n_heads=32,
                      n_kv_heads=8, vocab_size=1000, max_seq_len=tokens + a.decode_steps, sliding_window=window)
 
 
@@ -151,10 +152,10 @@ def model_table(a: argparse.Namespace) -> None:
     torch.manual_seed(0)
     swa = Transformer(probe).eval()
     linear = sum(p.numel() for n, p in swa.named_parameters() if n.startswith("layers.") and p.dim() == 2)
-    print(f"\nwhole model: dim 4096, 32 query / 8 KV heads of 128 (Mistral 7B's), {a.model_layers} layers, FFN "
-          f"{a.model_hidden}, vocab 1000, fp32, prefill chunks of W={a.window}, {torch.get_num_threads()} threads")
-    print("| tokens | path | prefill s | full / this | attention GFLOP | + linear GFLOP | ideal attention ratio | "
-          "decode ms/token | full / this |")
+    print(f"\nwhole model: dim {a.model_dim}, 32 query / 8 KV heads of 128 (Mistral 7B's), {a.model_layers} layers, "
+          f"FFN {a.model_hidden}, vocab 1000, fp32, prefill chunks of W={a.window}, {torch.get_num_threads()} threads")
+    print("| tokens | path | prefill s | full / this | attention GFLOP | + linear GFLOP | ideal ratio: attention, "
+          "model | decode ms/token | full / this |")
     print("|---|---|---|---|---|---|---|---|---|")
     for tokens in a.model_tokens:
         full = Transformer(mistral_shaped(a, tokens, None)).eval()
@@ -163,11 +164,14 @@ def model_table(a: argparse.Namespace) -> None:
         runs = {"full": model_run(full, QUERY_BLOCK, tokens, a.window, a.decode_steps),
                 "SWA": model_run(swa, QUERY_BLOCK, tokens, a.window, a.decode_steps),
                 "SWA dense": model_run(swa, None, tokens, a.window, a.decode_steps)}
-        ideal = ideal_scores(tokens, None) / ideal_scores(tokens, a.window)
+        lin = 2 * linear * tokens / 1e9
+        per_score = 4 * 128 * 32 * a.model_layers / 1e9
+        full_ideal, swa_ideal = (per_score * ideal_scores(tokens, w) for w in (None, a.window))
+        ideal = f"{full_ideal / swa_ideal:.2f}x, {(lin + full_ideal) / (lin + swa_ideal):.2f}x"
         for p, r in runs.items():
             f = runs["full"]
             print(f"| {tokens} | {p} | {r['prefill_s']:.2f} | {f['prefill_s'] / r['prefill_s']:.2f}x | "
-                  f"{r['attn_gflop']:.0f} | {2 * linear * tokens / 1e9:.0f} | {ideal:.2f}x | {r['decode_ms']:.1f} | "
+                  f"{r['attn_gflop']:.0f} | {lin:.0f} | {ideal} | {r['decode_ms']:.1f} | "
                   f"{f['decode_ms'] / r['decode_ms']:.2f}x |")
 
 
@@ -181,6 +185,7 @@ def main() -> None:
     p.add_argument("--decode-steps", type=int, default=20)
     p.add_argument("--model-tokens", type=int, nargs="*", default=None, help="whole-model prefill lengths "
                    "(default: --tokens; none given: no model rows)")
+    p.add_argument("--model-dim", type=int, default=4096, help="the model's width (Mistral 7B: 4096)")
     p.add_argument("--model-layers", type=int, default=2)
     p.add_argument("--model-hidden", type=int, default=1024, help="the model's FFN width")
     p.add_argument("--threads", type=int, default=None)
