@@ -84,6 +84,9 @@ def band_mask(
     return torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
 
 
+_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")  # private: may move
+
+
 def _flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's CPU flash kernel: output `[1, heads, L, d]` and the log-sum-exp of each row's scores `[1, heads, L]`
     (what merging attention over separate key ranges needs; public SDPA does not return it). GQA heads as SDPA's."""
@@ -169,7 +172,7 @@ def prefill_by_blocks(
     """Packed q `[N, heads, d]`, k/v `[N, kv_heads, d]` -> packed attention output `[N, heads, d]`, one
     sequence at a time (no padding: each keeps its own length), each over its buffer then its own chunk."""
     # The tiles call torch's CPU flash kernel directly (inference: its backward is not needed, nor promised)
-    tiled = q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_grad_enabled()
+    tiled = q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_grad_enabled() and _CPU_FLASH
     outs, offset = [], 0
     for b, n in enumerate(meta.seqlens):
         rows = slice(offset, offset + n)
