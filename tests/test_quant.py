@@ -91,6 +91,32 @@ def test_products_equal_fp32_ones(kind, n):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", [1, 4])
+def test_integer_sums_hold_at_the_largest_weights_and_activations(kind, n):
+    """Every quantized value and scale at its largest, every activation equal (all at 32767 after the group's
+    scaling): the int32 sums of the integer path must not wrap (kernels.c's bounds)."""
+    width, size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+    raw = np.full((8, 1024 // width, size), 0xFF, np.uint8)
+    half = np.array([1.0], np.float16).view(np.uint8)  # d (and dmin / m) = 1
+    if kind == "Q6_K":
+        raw[..., 192:208] = 0x7F  # int8 scales 127
+        raw[..., 208:] = half
+    elif kind in K_KINDS:
+        raw[..., 0:2] = raw[..., 2:4] = half
+    else:
+        raw[..., 0:2] = half
+        if kind == "Q4_1":
+            raw[..., 2:4] = half
+        if kind == "Q8_0":
+            raw[..., 2:] = 0x7F  # int8 127
+    raw = raw.reshape(8, -1)
+    q = QuantLinear.from_gguf(kind, raw, 8, 1024)
+    w = torch.from_numpy(dequantize(raw, GGMLQuantizationType[kind]).reshape(8, 1024).copy())
+    x = torch.full((n, 1024), 0.75)
+    torch.testing.assert_close(q(x).double(), x.double() @ w.double().T, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_single_vectors_hold_each_groups_largest_value_to_16_bits(kind):
     """Values spanning 12 decades, a zero group and a group below 1e-30 (zeros then, not garbage): errors stay
     within 2^-16 of each group's largest value, whatever the spread inside it."""
