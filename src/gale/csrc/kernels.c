@@ -241,6 +241,7 @@ typedef struct {
     float *sum;        /* [cols / 32]: s * sum(a) of each 32 columns, what Q4_1's offsets multiply */
     int32_t *sum16;    /* [cols / 16]: sum(a) of each 16 columns (Q6_K's -32) */
     int32_t *sum32;    /* [cols / 32]: sum(a) of each 32 columns (Q4_K / Q5_K's minimums) */
+    int32_t *minus8;   /* [cols / 32][8]: {-8 sum(a), 0, ..}, Q4_0's offset added to a block's integer lanes */
 } gale_xq;
 
 #define XQ_MAX 32767.f
@@ -252,9 +253,10 @@ static void xq_alloc(gale_xq *xq, int64_t cols) {
     xq->sum = malloc(sizeof(float) * (cols / 32));
     xq->sum16 = malloc(sizeof(int32_t) * (cols / 16));
     xq->sum32 = malloc(sizeof(int32_t) * (cols / 32));
+    xq->minus8 = calloc(cols / 4, sizeof(int32_t));
 }
 
-static void xq_free(gale_xq *xq) { free(xq->a); free(xq->scale); free(xq->sum); free(xq->sum16); free(xq->sum32); }
+static void xq_free(gale_xq *xq) { free(xq->a); free(xq->scale); free(xq->sum); free(xq->sum16); free(xq->sum32); free(xq->minus8); }
 
 static inline int32_t hsum_i32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -292,6 +294,7 @@ static void xq_quantize(const float *x, int64_t cols, int64_t group, gale_xq *xq
             xq->sum16[i16] = hsum_i32(_mm256_add_epi32(a[0], a[1]));
             xq->sum16[i16 + 1] = hsum_i32(_mm256_add_epi32(a[2], a[3]));
             xq->sum32[i16 / 2] = xq->sum16[i16] + xq->sum16[i16 + 1];
+            xq->minus8[8 * (i16 / 2)] = -8 * xq->sum32[i16 / 2];
             xq->sum[i16 / 2] = s * (float)xq->sum32[i16 / 2];
         }
         xq->scale[g] = s;
@@ -299,7 +302,7 @@ static void xq_quantize(const float *x, int64_t cols, int64_t group, gale_xq *xq
 }
 
 /* The 32 weights of a 32-wide block as int16 lanes in unpack order (lo: columns 0-7 and 16-23, hi: 8-15 and
- * 24-31): Q8_0's bytes widened with their sign, Q4_0's nibbles minus 8 (so its offset costs nothing). */
+ * 24-31): Q8_0's bytes widened with their sign, Q4_0 / Q4_1's nibbles as they are (0..15). */
 static inline void widen_legacy(int64_t kind, const uint8_t *qs, __m256i *lo, __m256i *hi) {
     __m256i w, ext = _mm256_setzero_si256();
     if (kind == GALE_Q8_0) {
@@ -307,9 +310,8 @@ static inline void widen_legacy(int64_t kind, const uint8_t *qs, __m256i *lo, __
     } else {
         __m128i raw = _mm_loadu_si128((const __m128i *)qs); /* low nibbles: columns 0-15, high: 16-31 */
         w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
-        if (kind == GALE_Q4_0) w = _mm256_sub_epi8(w, _mm256_set1_epi8(8));
     }
-    if (kind != GALE_Q4_1) ext = _mm256_cmpgt_epi8(ext, w); /* sign bytes */
+    if (kind == GALE_Q8_0) ext = _mm256_cmpgt_epi8(ext, w); /* sign bytes */
     *lo = _mm256_unpacklo_epi8(w, ext);
     *hi = _mm256_unpackhi_epi8(w, ext);
 }
@@ -320,8 +322,9 @@ static inline __m256i dot32(__m256i lo, __m256i hi, const int16_t *a) {
                             _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(a + 16))));
 }
 
-/* Block b of a 32-wide kind into each vector's accumulator: acc[v] += d s_b[v] (q . a[v])_b, and Q4_1's
- * offset m s_b[v] sum(a[v])_b into off[v]. */
+/* Block b of a 32-wide kind into each vector's accumulator: acc[v] += d s_b[v] (q . a[v])_b (Q4_0: q - 8, its
+ * -8 sum(a) added to the integer lanes from a precomputed vector), and Q4_1's offset m s_b[v] sum(a[v])_b into
+ * off[v]. */
 static inline __attribute__((always_inline)) void legacy_block(int64_t kind, const uint8_t *blk, const gale_xq *xq,
                                                                int64_t b, const int N, __m256 *acc, float *off) {
     __m256i lo, hi;
@@ -329,6 +332,7 @@ static inline __attribute__((always_inline)) void legacy_block(int64_t kind, con
     float d = half_at(blk), m = kind == GALE_Q4_1 ? half_at(blk + 2) : 0.f;
     for (int v = 0; v < N; v++) {
         __m256i p = dot32(lo, hi, xq[v].a + 32 * b);
+        if (kind == GALE_Q4_0) p = _mm256_add_epi32(p, _mm256_loadu_si256((const __m256i *)(xq[v].minus8 + 8 * b)));
         acc[v] = _mm256_fmadd_ps(_mm256_set1_ps(d * xq[v].scale[b]), _mm256_cvtepi32_ps(p), acc[v]);
         if (kind == GALE_Q4_1) off[v] += m * xq[v].sum[b];
     }
