@@ -120,6 +120,8 @@ CHECKS: dict[str, Check] = {
     "python benchmarks/soak.py --clients 64 --seconds 60 --max-tokens 16":
         Check("parse", why="a minute of load; tests/test_server_faults.py and test_server_fuzz.py check the same"),
     ".venv/bin/python benchmarks/big.py --threads 2": Check("parse", why="~30 GB of files, llama.cpp's quantizer"),
+    ".venv/bin/python benchmarks/checkpoints.py --threads 2 --decode-tokens 16": Check(
+        "parse", why="~27 GB of folders at once, llama.cpp's quantizer"),
     ".venv/bin/python benchmarks/attention.py": Check("script", "--tokens 64 --window 16 --decode-steps 2"),
     "python benchmarks/cpu.py --threads 2 --repeats 3 --no-synth":
         Check("script", "--threads 1 --repeats 1 --engines gale --prompt-tokens 16 --decode-tokens 2 --batches"),
