@@ -256,7 +256,7 @@ def run_synth_hf(a: argparse.Namespace, job: dict) -> dict:
     return {**figures, "logits": head, "rss_mb": rss_mb()}
 
 
-class _StubDecoder:
+class _Silent:
     def push(self, token_id: int) -> str:
         return ""
 
@@ -264,11 +264,14 @@ class _StubDecoder:
         return ""
 
 
-class _StubTokenizer:
+class NullTokenizer:
+    """The engine's tokenizer interface without text: random ids have none, and no id stops a sequence (the
+    synthetic rows here and benchmarks/gpu.py)."""
+
     stop_ids: frozenset[int] = frozenset()
 
-    def decoder(self) -> _StubDecoder:
-        return _StubDecoder()
+    def decoder(self, context: list[int]) -> _Silent:
+        return _Silent()
 
 
 def run_synth_gale(a: argparse.Namespace, job: dict) -> dict:
@@ -296,7 +299,7 @@ def run_synth_gale(a: argparse.Namespace, job: dict) -> dict:
     ids = job["synth"]
     with torch.inference_mode():
         head = last_logits_head(model(torch.tensor(ids), last_only=True)[0])
-    engine = Engine(model, _StubTokenizer(), max_seqs=1, prefix_cache_tokens=0)
+    engine = Engine(model, NullTokenizer(), max_seqs=1, prefix_cache_tokens=0)
     figures = single_stream(lambda ids, k: gale_single(engine, ids, k), ids, a.synth_decode, a.repeats)
     return {**figures, "logits": head, "rss_mb": rss_mb()}
 

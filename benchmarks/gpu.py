@@ -46,6 +46,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # GPU images run it without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu import NullTokenizer  # the sibling benchmark's textless tokenizer (cpu.py imports only the stdlib)
+
 from gale.cache import RollingCache
 from gale.config import ModelArgs, to_hf_config
 from gale.engine import Engine
@@ -184,23 +187,6 @@ def hf_generate(hf: Any, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor
     cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), generation_config=cfg)
     return out[:, prompts.shape[1]:]
-
-
-class _Silent:
-    def push(self, token_id: int) -> str:
-        return ""
-
-    def flush(self) -> str:
-        return ""
-
-
-class NullTokenizer:
-    """The engine's tokenizer interface without text: random ids have none, and no id stops a sequence."""
-
-    stop_ids: frozenset[int] = frozenset()
-
-    def decoder(self, context: list[int]) -> _Silent:
-        return _Silent()
 
 
 # -- measuring ---------------------------------------------------------------------------------------------------
