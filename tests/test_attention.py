@@ -7,7 +7,7 @@ of 1..9 make chunks span many blocks, longer and shorter than the window.
 import pytest
 import torch
 from test_engine import CharTokenizer, reference_greedy
-from test_model import assert_close, chunked, hf_logits, reference_pair, tiny_args
+from test_model import assert_close, assert_sees_exactly_w_keys, chunked, hf_logits, reference_pair, tiny_args
 
 from gale.attention import _tiled_block, band_mask, block_ranges, scores_computed, tile_window, window_attention
 from gale.cache import RollingCache, plan
@@ -121,15 +121,7 @@ def test_full_attention_by_blocks_equals_the_reference():
 def test_window_edge_by_blocks(window):
     """Through the block path, position i depends on token i-W+1 and not on i-W."""
     model = set_block(reference_pair(tiny_args(n_layers=1, sliding_window=window), seed=3)[1], 2)
-    base = torch.randint(0, 101, (20,), generator=torch.Generator().manual_seed(4))
-    i = 15
-    with torch.no_grad():
-        ref = model(base)[i]
-        outside, inside = base.clone(), base.clone()
-        outside[i - window] = (base[i - window] + 1) % 101
-        inside[i - window + 1] = (base[i - window + 1] + 1) % 101
-        assert torch.equal(model(outside)[i], ref)
-        assert (model(inside)[i] - ref).abs().max() > 1e-3
+    assert_sees_exactly_w_keys(model, window)
 
 
 def test_ragged_batches_on_scattered_slots_equal_the_dense_path():

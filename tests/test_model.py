@@ -139,16 +139,24 @@ def test_window_edge_sees_exactly_w_keys_including_itself(window):
     """At one layer, position i depends on tokens i-W+1..i and not on i-W."""
     args = tiny_args(n_layers=1, sliding_window=window)
     hf, ours = reference_pair(args, seed=3)
+    base = assert_sees_exactly_w_keys(ours, window)
+    with torch.no_grad():
+        assert_close(ours(base), hf_logits(hf, base))
+
+
+def assert_sees_exactly_w_keys(model: Transformer, window: int) -> torch.Tensor:
+    """Position 15 of a one-layer model's 20 random tokens changes with token 15-W+1 and not with token 15-W;
+    returns the tokens."""
     base = torch.randint(0, 101, (20,), generator=torch.Generator().manual_seed(4))
     i = 15
     with torch.no_grad():
-        ref = ours(base)[i]
+        ref = model(base)[i]
         outside, inside = base.clone(), base.clone()
         outside[i - window] = (base[i - window] + 1) % 101
         inside[i - window + 1] = (base[i - window + 1] + 1) % 101
-        assert torch.equal(ours(outside)[i], ref)
-        assert (ours(inside)[i] - ref).abs().max() > 1e-3
-        assert_close(ours(base), hf_logits(hf, base))
+        assert torch.equal(model(outside)[i], ref)
+        assert (model(inside)[i] - ref).abs().max() > 1e-3
+    return base
 
 
 def test_stacked_layers_reach_past_the_window():
