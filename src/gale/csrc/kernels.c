@@ -238,10 +238,10 @@ static inline void unpack_q8(const int8_t *q, __m256 w[4]) {
 typedef struct {
     int16_t *a;        /* [cols], each 32 columns in unpack order */
     float *scale;      /* [groups]: s */
-    float *sum;        /* [cols / 32]: s * sum(a) of each 32 columns, what Q4_1's offsets multiply */
+    float *sum;        /* [cols / 32]: s * sum(a) of each 32 columns, what Q4_1's offsets multiply (32-wide) */
     int32_t *sum16;    /* [cols / 16]: sum(a) of each 16 columns (Q6_K's -32) */
     int32_t *sum32;    /* [cols / 32]: sum(a) of each 32 columns (Q4_K / Q5_K's minimums) */
-    int32_t *minus8;   /* [cols / 32][8]: {-8 sum(a), 0, ..}, Q4_0's offset added to a block's integer lanes */
+    int32_t *minus8;   /* [cols / 32][8]: {-8 sum(a), 0, ..}, Q4_0's offset on a block's lanes (32-wide) */
 } gale_xq;
 
 #define XQ_MAX 32767.f
@@ -294,8 +294,10 @@ static void xq_quantize(const float *x, int64_t cols, int64_t group, gale_xq *xq
             xq->sum16[i16] = hsum_i32(_mm256_add_epi32(a[0], a[1]));
             xq->sum16[i16 + 1] = hsum_i32(_mm256_add_epi32(a[2], a[3]));
             xq->sum32[i16 / 2] = xq->sum16[i16] + xq->sum16[i16 + 1];
-            xq->minus8[8 * (i16 / 2)] = -8 * xq->sum32[i16 / 2];
-            xq->sum[i16 / 2] = s * (float)xq->sum32[i16 / 2];
+            if (group == 32) { /* the 32-wide kinds' offsets */
+                xq->minus8[8 * (i16 / 2)] = -8 * xq->sum32[i16 / 2];
+                xq->sum[i16 / 2] = s * (float)xq->sum32[i16 / 2];
+            }
         }
         xq->scale[g] = s;
     }
@@ -307,11 +309,11 @@ static inline void widen_legacy(int64_t kind, const uint8_t *qs, __m256i *lo, __
     __m256i w, ext = _mm256_setzero_si256();
     if (kind == GALE_Q8_0) {
         w = _mm256_loadu_si256((const __m256i *)qs);
+        ext = _mm256_cmpgt_epi8(ext, w); /* sign bytes */
     } else {
         __m128i raw = _mm_loadu_si128((const __m128i *)qs); /* low nibbles: columns 0-15, high: 16-31 */
         w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
     }
-    if (kind == GALE_Q8_0) ext = _mm256_cmpgt_epi8(ext, w); /* sign bytes */
     *lo = _mm256_unpacklo_epi8(w, ext);
     *hi = _mm256_unpackhi_epi8(w, ext);
 }
@@ -418,7 +420,7 @@ static inline __attribute__((always_inline)) void row_dot_q6k(const uint8_t *row
         float d = half_at(blk + 208);
         __m256 fsc[2] = {_mm256_mul_ps(_mm256_cvtepi32_ps(sc_lo), _mm256_set1_ps(d)),
                          _mm256_mul_ps(_mm256_cvtepi32_ps(sc_hi), _mm256_set1_ps(d))};
-        const int C = N == 1 ? 4 : N == 2 ? 2 : 1; /* chains per vector, as in row_dot_q45k */
+        const int C = N == 1 ? 4 : N == 2 ? 2 : 1; /* FMA chains per vector: few vectors need several */
         __m256 t[4][XQ_VECTORS]; /* -32 d sum_i sc_i sum(a)_i, then + d sum_i sc_i (q . a)_i */
         for (int v = 0; v < N; v++) {
             const int32_t *s16 = xq[v].sum16 + 16 * b;
