@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import struct
 import sys
 import time
@@ -116,9 +117,7 @@ def make_hf(args: ModelArgs, root: Path) -> Path:
 
 def remove(path: Path) -> None:
     """Free the disk a stage used (--keep skips it): the 7B run needs ~27 GB at a time instead of ~55 GB."""
-    for f in sorted(path.rglob("*"), reverse=True):
-        f.rmdir() if f.is_dir() and not f.is_symlink() else f.unlink()
-    path.rmdir() if path.is_dir() else path.unlink(missing_ok=True)
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)  # rmtree unlinks symlinks, not targets
 
 
 def make_llama_cpp_ggufs(official: Path, root: Path) -> dict[str, Path]:
