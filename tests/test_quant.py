@@ -205,6 +205,39 @@ def test_without_a_compiler_models_load_dequantized(smollm2_path):
     assert "Paris" in r.stdout
 
 
+def test_prefetching_builds_give_the_same_products():
+    """GALE_PREFETCH picks the weights' prefetch distance at build time (per CPU by default); it moves memory
+    traffic only, so every kind's products are bit-for-bit those of a build without it."""
+    code = ("import sys, torch, numpy as np; sys.path.insert(0, sys.argv[2]); from test_quant import layer; "
+            "from gale.quant import KINDS, prefetch_bytes; torch.manual_seed(0); out = []\n"
+            "for kind in KINDS:\n"
+            "    lin, _ = layer(kind, 300, 1024)\n"
+            "    out += [lin(torch.randn(n, 1024)).numpy() for n in (1, 4, 9)]\n"
+            "np.save(sys.argv[1], np.concatenate([o.ravel() for o in out])); print(prefetch_bytes())")
+    results = {}
+    for distance in ("0", "2048"):
+        path = f"{os.environ.get('TMPDIR', '/tmp')}/gale-prefetch-{os.getpid()}-{distance}.npy"
+        r = subprocess.run([sys.executable, "-c", code, path, os.path.dirname(__file__)],
+                           env={**os.environ, "GALE_PREFETCH": distance},
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == distance
+        results[distance] = np.load(path)
+        os.remove(path)
+    assert np.array_equal(results["0"], results["2048"])
+
+
+def test_library_key_names_the_cpus_features():
+    """The cache key holds the CPU's flags, not only its name: VMs named "AMD EPYC" run on Zen 3 (AVX2) and Zen 5
+    (AVX-512), and -march=native code from one would crash on the other."""
+    from gale.quant import _cpu_name
+
+    if not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("no /proc/cpuinfo")
+    name = _cpu_name()
+    assert "flags" in name and "model name" in name
+
+
 def test_lora_on_quantized_layers_says_how_to_load(smollm2_llm):
     from gale.lora import LoraConfig, apply_lora
 

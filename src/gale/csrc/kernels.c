@@ -247,6 +247,23 @@ typedef struct {
 #define XQ_MAX 32767.f
 #define XQ_VECTORS 4 /* vectors per pass over a row: their accumulators fill the 16 registers */
 
+/* Software prefetch of the weights GALE_PREFETCH bytes ahead of the block being multiplied (0: none). quant.py
+ * sets it per CPU from measurement (benchmarks/NOTES.md): on Zen 5 the 14336-wide FFN down projection streamed
+ * at half the narrow matrices' rate without it (the hardware prefetcher fell behind) and at their rate with it
+ * (decode 1.3x); on Zen 3 the same prefetches made decode 10-20% slower. */
+#ifndef GALE_PREFETCH
+#define GALE_PREFETCH 0
+#endif
+
+/* Prefetch `lines` cache lines from p + GALE_PREFETCH (a block record's bytes, lines = ceil(bytes / 64)). */
+static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *p, const int lines) {
+#if GALE_PREFETCH
+    for (int i = 0; i < lines; i++) _mm_prefetch((const char *)p + GALE_PREFETCH + 64 * i, _MM_HINT_T0);
+#else
+    (void)p, (void)lines;
+#endif
+}
+
 static void xq_alloc(gale_xq *xq, int64_t cols) {
     xq->a = malloc(sizeof(int16_t) * cols);
     xq->scale = malloc(sizeof(float) * (cols / 32));
@@ -351,6 +368,7 @@ static inline __attribute__((always_inline)) void row_dot_legacy(int64_t kind, c
     for (int v = 0; v < N; v++) acc0[v] = acc1[v] = _mm256_setzero_ps(), off0[v] = off1[v] = 0.f;
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
+        prefetch_ahead(row + b * bytes, 2); /* two blocks: 36-68 bytes */
         legacy_block(kind, row + b * bytes, xq, b, N, acc0, off0);
         legacy_block(kind, row + (b + 1) * bytes, xq, b + 1, N, acc1, off1);
     }
@@ -370,6 +388,7 @@ static inline __attribute__((always_inline)) void row_dot_q45k(int64_t kind, con
     for (int v = 0; v < N; v++) acc[v] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * bytes, *qs = blk + (kind == GALE_Q5_K ? 48 : 16);
+        prefetch_ahead(blk, 3); /* 144 or 176 bytes */
         uint32_t packed[4];
         int32_t sc[8];
         k_scales_mins_packed(blk + 4, packed);
@@ -415,6 +434,7 @@ static inline __attribute__((always_inline)) void row_dot_q6k(const uint8_t *row
     for (int v = 0; v < N; v++) acc[v] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * BLOCK_BYTES[GALE_Q6_K];
+        prefetch_ahead(blk, 4); /* 210 bytes */
         __m128i sc = _mm_loadu_si128((const __m128i *)(blk + 192));
         __m256i sc_lo = _mm256_cvtepi8_epi32(sc), sc_hi = _mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8));
         float d = half_at(blk + 208);
