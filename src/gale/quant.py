@@ -100,6 +100,7 @@ class _Dims(ctypes.Structure):
         + [("eps", ctypes.c_double)]
 
 
+@functools.cache  # asked by the cache key and by prefetch_bytes: read /proc/cpuinfo (large on big servers) once
 def _cpu_name() -> str:
     """The CPU's model name and feature flags (part of the library's cache key: -march=native code built on one
     machine must not run on another whose name is the same and whose features are not, e.g. "AMD EPYC" VMs on
