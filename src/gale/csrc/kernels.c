@@ -656,6 +656,90 @@ void gale_dequant(const gale_qmat *w, const int64_t *index, int64_t n, float *ou
     }
 }
 
+/* ---- fp16 rows for prefill's GEMMs (quant.py's gemm_dtype) ----
+ * Every kind's weights are w = a_g * q + b_g over groups g of 16 columns (q the block's integers; a, b its
+ * scales: Q4_0 d and -8d, Q4_1 d and m, Q8_0 d and 0, Q4_K / Q5_K d sc_i and -dmin m_i, Q6_K d sc_i and -0
+ * with q - 32, the -0 keeping the sign of a zero product). a_g * q is exact in fp32 for every kind but Q6_K
+ * (<= 22 significant bits), and Q6_K adds nothing to it, so one fused multiply-add rounds exactly as
+ * block_weights' multiply and add do; the rounding to fp16 (to nearest, ties to even, as torch's .half())
+ * then gives dequantized().half() bit for bit (tests/test_quant.py). */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* 16 columns a * q + b from 16 int32 q, stored as fp16. */
+static inline void put16(__m512i q, float a, float b, uint16_t *dst) {
+    __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(a), _mm512_cvtepi32_ps(q), _mm512_set1_ps(b));
+    _mm256_storeu_si256((__m256i *)dst, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+static inline __m512i nibbles16(const uint8_t *p, int shift) {
+    return _mm512_and_si512(_mm512_srli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)), shift),
+                            _mm512_set1_epi32(0x0f));
+}
+
+/* One block's columns as fp16 (the layouts at block_weights). */
+static void block_f16(int64_t kind, const uint8_t *blk, uint16_t *w) {
+    if (kind == GALE_Q4_K || kind == GALE_Q5_K) {
+        float d = half_at(blk), dmin = half_at(blk + 2);
+        uint8_t sc[8], m[8];
+        k_scales_mins(blk + 4, sc, m);
+        const uint8_t *qh = blk + 16, *qs = blk + (kind == GALE_Q5_K ? 48 : 16);
+        for (int i = 0; i < 8; i++)
+            for (int l = 0; l < 32; l += 16) {
+                __m512i q = nibbles16(qs + 32 * (i / 2) + l, 4 * (i & 1));
+                if (kind == GALE_Q5_K) {
+                    __m512i h = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qh + l)));
+                    q = _mm512_or_si512(q, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h, i), _mm512_set1_epi32(1)), 4));
+                }
+                put16(q, d * (float)sc[i], -(dmin * (float)m[i]), w + 32 * i + l);
+            }
+        return;
+    }
+    if (kind == GALE_Q6_K) {
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        float d = half_at(blk + 208);
+        for (int c = 0; c < 256; c += 16) { /* 16 columns share a scale, a half, a part and l0..l0+15 */
+            int half = c / 128, part = (c % 128) / 32, l = c % 32;
+            __m512i low = nibbles16(blk + 64 * half + l + 32 * (part & 1), 4 * (part >> 1));
+            __m512i top = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 128 + 32 * half + l)));
+            top = _mm512_and_si512(_mm512_srli_epi32(top, 2 * part), _mm512_set1_epi32(3));
+            __m512i q = _mm512_sub_epi32(_mm512_or_si512(low, _mm512_slli_epi32(top, 4)), _mm512_set1_epi32(32));
+            put16(q, d * (float)sc[c / 16], -0.f, w + c); /* -0: a negative scale times 0 stays -0 */
+        }
+        return;
+    }
+    const uint8_t *q = block_qs(kind, blk);
+    float d = half_at(blk), m = block_m(kind, blk, d);
+    if (kind == GALE_Q8_0) {
+        for (int j = 0; j < 32; j += 16)
+            put16(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + j))), d, m, w + j);
+        return;
+    }
+    put16(nibbles16(q, 0), d, m, w);
+    put16(nibbles16(q, 4), d, m, w + 16);
+}
+#else
+static inline uint16_t f16_of(float f) { /* to nearest, ties to even */
+    _Float16 h = (_Float16)f;
+    uint16_t u;
+    memcpy(&u, &h, sizeof u);
+    return u;
+}
+
+static void block_f16(int64_t kind, const uint8_t *blk, uint16_t *w) {
+    float f[256];
+    block_weights(kind, blk, f);
+    for (int64_t j = 0; j < BLOCK_ELEMS[kind]; j++) w[j] = f16_of(f[j]);
+}
+#endif
+
+/* fp16 rows r0 .. r0 + n of W into out [n, cols]: a slice of the layer for one prefill GEMM. */
+void gale_dequant_f16(const gale_qmat *w, int64_t r0, int64_t n, uint16_t *out, int threads) {
+    int64_t cols = w->cols, elems = BLOCK_ELEMS[w->kind], nb = cols / elems, bytes = BLOCK_BYTES[w->kind];
+#pragma omp parallel for schedule(static) num_threads(threads) if (n * cols >= 65536)
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t b = 0; b < nb; b++)
+            block_f16(w->kind, w->blocks + ((r0 + i) * nb + b) * bytes, out + i * cols + b * elems);
+}
+
 /* ---- decode step ---- */
 
 typedef struct {
