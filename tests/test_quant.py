@@ -17,6 +17,7 @@ from gale.cache import RollingCache
 from gale.config import ModelArgs
 from gale.model import Transformer
 from gale.quant import (
+    GEMM_F16_MIN_VECTORS,
     GEMM_MIN_VECTORS,
     GEMV_MAX_VECTORS,
     KINDS,
@@ -278,9 +279,10 @@ def fp16_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_fp16_gemm_products_hold_fp16s_bound(kind, fp16_gemm):
+@pytest.mark.parametrize("n", [GEMM_F16_MIN_VECTORS + 1, GEMM_MIN_VECTORS + 1])
+def test_fp16_gemm_products_hold_fp16s_bound(kind, n, fp16_gemm):
     q, w = layer(kind, 300, 1024)
-    x = torch.randn(GEMM_MIN_VECTORS + 1, 1024)
+    x = torch.randn(n, 1024)
     ref = x.double() @ w.double().T
     err = (q(x).double() - ref).abs()
     assert err.le(fp16_bound(x, w)).all()
