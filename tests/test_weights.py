@@ -229,8 +229,9 @@ def test_truncated_gguf(folders, tmp_path):
     path = tmp_path / "t.gguf"
     path.write_bytes((folders / "model.gguf").read_bytes()[:-1000])
     expect_error(path, str(path), "truncated")
-    path.write_bytes((folders / "model.gguf").read_bytes()[:200])
-    expect_error(path, str(path))
+    for cut in (200, 2000, 20000):  # inside the metadata: its strings and string arrays (a vocabulary)
+        path.write_bytes((folders / "model.gguf").read_bytes()[:cut])
+        expect_error(path, str(path))
 
 
 def test_unsupported_gguf_quantization(tmp_path, state):
@@ -245,3 +246,12 @@ def test_a_non_gguf_file_is_refused(tmp_path):
     path = tmp_path / "weights.bin"
     path.write_bytes(b"\0" * 64)
     expect_error(path, ".gguf")
+
+
+def test_gguf_cut_inside_its_vocabulary(smollm2_path, tmp_path):
+    """The default model's header cut in the middle of its 49152-string vocabulary: a clear error, not a short
+    vocabulary."""
+    path = tmp_path / "cut.gguf"
+    with open(smollm2_path, "rb") as f:
+        path.write_bytes(f.read(300_000))
+    expect_error(path, str(path), "past the end")

@@ -19,6 +19,7 @@ from typing import TypeVar
 import torch
 from gguf import GGMLQuantizationType
 from safetensors.torch import save_file
+from torch import nn
 
 from ..config import ModelArgs, to_hf_config, to_params_json
 from ..model import Transformer
@@ -77,7 +78,7 @@ def load_model(checkpoint: str | Path | Checkpoint, *, device: str | torch.devic
     ckpt.validate({n: tuple(p.shape) for n, p in model.named_parameters()})
     on_kernels = keep_quantized and str(device) == "cpu" and dtype == torch.float32
     quantized = _keep_quantized(model, ckpt, progress, "quantizing" if quantize else "mapping") if on_kernels else set()
-    model = model.to_empty(device=device)
+    model = _to_empty(model, device)
     params = dict(model.named_parameters())
     names = [n for n in ckpt.names() if n not in quantized]
     with torch.no_grad():
@@ -97,6 +98,25 @@ def meta_model(args: ModelArgs) -> Transformer:
     decompositions (~1.5 s of every load)."""
     with torch.device("meta"), unittest.mock.patch.object(torch.nn.init, "normal_", lambda t, *_, **__: t):
         return Transformer(args)
+
+
+def _to_empty(model: Transformer, device: str | torch.device) -> Transformer:
+    """`model.to_empty(device)` without torch's `empty_like` of meta tensors, whose first call imports sympy
+    (0.4 s of a 0.85 s 7B load). Parameters shared between modules stay shared."""
+    made: dict[int, torch.Tensor] = {}
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in made:
+            new = torch.empty(t.shape, dtype=t.dtype, device=device)
+            made[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+        return made[id(t)]
+
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is not None and t.is_meta:
+                    table[name] = empty(t)
+    return model
 
 
 def model_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

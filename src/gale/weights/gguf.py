@@ -85,6 +85,19 @@ class _Header:
         self.pos += n
         return bytes(self.mv[self.pos - n:self.pos]).decode("utf-8", errors="replace")
 
+    def _strings(self, count: int) -> list[str]:
+        """`count` strings in a row (a vocabulary, its merges): one tight loop, 4x faster than _string each
+        (~100k of them were 0.2 s of loading the default model)."""
+        mv, pos, out = self.mv, self.pos, []
+        for _ in range(count):
+            n = int.from_bytes(mv[pos:pos + 8], "little")
+            out.append(str(mv[pos + 8:pos + 8 + n], "utf-8", "replace"))
+            pos += 8 + n
+        if pos > len(mv):
+            raise ValueError(f"string array runs past the end of the file ({pos} > {len(mv)} bytes)")
+        self.pos = pos
+        return out
+
     def _value(self, kind: int) -> Any:
         if kind == 8:
             return self._string()
@@ -94,6 +107,8 @@ class _Header:
                 arr = np.frombuffer(self.buf, dtype=np.dtype(_SCALARS[item]), count=count, offset=self.pos)
                 self.pos += arr.nbytes
                 return arr.tolist()
+            if item == 8:
+                return self._strings(count)
             return [self._value(item) for _ in range(count)]
         if kind in _SCALARS:
             return self._unpack(_SCALARS[kind])[0]
