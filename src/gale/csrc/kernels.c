@@ -376,10 +376,11 @@ static inline __attribute__((always_inline)) void row_dot_legacy(int64_t kind, c
     for (int v = 0; v < N; v++) out[v] = hsum(_mm256_add_ps(acc0[v], acc1[v])) + off0[v] + off1[v];
 }
 
-/* One row of Q4_K / Q5_K for N vectors: per super-block s * (d * sum_i sc_i (q . a)_i - dmin * sum_i m_i
- * sum(a)_i), in integers until the super-block's end (scales broadcast from memory: no shuffles). Sums stay
- * exact int32: |q . a| <= 4 * 31 * 32767 per lane of a sub-block, times sc <= 63, 8 sub-blocks: < 2^31;
- * |sum(a)| <= 32 * 32767 per sub-block, times m <= 63. */
+/* One row of Q4_K / Q5_K for N vectors: per super-block s * (d * sum_i ((sc_i q) . a)_i - dmin * sum_i m_i
+ * sum(a)_i), in integers until the super-block's end. The 6-bit scales multiply the widened weights in 16 bits
+ * (sc q <= 63 * 31), once for all vectors: at 4 vectors 1.1-1.15x faster than a 32-bit multiply of each
+ * vector's sums, the same at 1. Sums stay exact int32: each lane adds 4 products per sub-block, |sc q a| <=
+ * 63 * 31 * 32767, 8 sub-blocks: < 2^31; |sum(a)| <= 32 * 32767 per sub-block, times m <= 63. */
 static inline __attribute__((always_inline)) void row_dot_q45k(int64_t kind, const uint8_t *row, const gale_xq *xq,
                                                                int64_t nb, const int N, float *out) {
     const int64_t bytes = BLOCK_BYTES[kind];
@@ -396,7 +397,7 @@ static inline __attribute__((always_inline)) void row_dot_q45k(int64_t kind, con
          * from the stores (Intel stalls ~15 cycles): Q4_K ran 13 -> 20 G weights/s per core without it */
         __m128i sm = _mm_set_epi32((int)packed[3], (int)packed[2], (int)packed[1], (int)packed[0]);
         __m256i mins = _mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8));
-        __m256i t[XQ_VECTORS]; /* sum_i sc_i (q . a)_i, lanes to be summed */
+        __m256i t[XQ_VECTORS]; /* sum_i ((sc_i q) . a)_i, lanes to be summed */
         for (int v = 0; v < N; v++) t[v] = z;
         __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
         for (int j = 0; j < 4; j++) {
@@ -406,14 +407,14 @@ static inline __attribute__((always_inline)) void row_dot_q45k(int64_t kind, con
                 w0 = _mm256_or_si256(w0, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one), 4));
                 w1 = _mm256_or_si256(w1, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one), 4));
             }
-            __m256i l0 = _mm256_unpacklo_epi8(w0, z), h0 = _mm256_unpackhi_epi8(w0, z);
-            __m256i l1 = _mm256_unpacklo_epi8(w1, z), h1 = _mm256_unpackhi_epi8(w1, z);
-            __m256i c0 = _mm256_set1_epi32(sc[2 * j]), c1 = _mm256_set1_epi32(sc[2 * j + 1]);
+            __m256i c0 = _mm256_set1_epi16(sc[2 * j]), c1 = _mm256_set1_epi16(sc[2 * j + 1]);
+            __m256i l0 = _mm256_mullo_epi16(_mm256_unpacklo_epi8(w0, z), c0);
+            __m256i h0 = _mm256_mullo_epi16(_mm256_unpackhi_epi8(w0, z), c0);
+            __m256i l1 = _mm256_mullo_epi16(_mm256_unpacklo_epi8(w1, z), c1);
+            __m256i h1 = _mm256_mullo_epi16(_mm256_unpackhi_epi8(w1, z), c1);
             for (int v = 0; v < N; v++) {
                 const int16_t *a = xq[v].a + 256 * b + 64 * j;
-                __m256i p = _mm256_add_epi32(_mm256_mullo_epi32(dot32(l0, h0, a), c0),
-                                             _mm256_mullo_epi32(dot32(l1, h1, a + 32), c1));
-                t[v] = _mm256_add_epi32(t[v], p);
+                t[v] = _mm256_add_epi32(t[v], _mm256_add_epi32(dot32(l0, h0, a), dot32(l1, h1, a + 32)));
             }
         }
         __m256 d = _mm256_set1_ps(half_at(blk)), dmin = _mm256_set1_ps(half_at(blk + 2));
