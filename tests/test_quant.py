@@ -322,6 +322,28 @@ def test_quality_gate_fp16_prefill_on_real_text(smollm2_path, smollm2_llm, fp16_
         assert (fast - ref).abs().max() < 0.2
 
 
+def test_scoring_keeps_fp32_gemms_where_prefill_takes_fp16(smollm2_llm, monkeypatch):
+    """Log-likelihoods (evaluation, echo) are the dequantized model's whatever GALE_GEMM says, and only inside
+    scoring: the same model prefills in fp16 outside it."""
+    from gale.quant import exact_gemms
+    from gale.scoring import sequence_logprobs
+
+    ids = smollm2_llm.tokenizer.encode(PASSAGE)
+    scores = {}
+    for dtype in ("fp32", "fp16"):
+        monkeypatch.setenv("GALE_GEMM", dtype)
+        gemm_dtype.cache_clear()
+        scores[dtype] = sequence_logprobs(smollm2_llm.model, ids)
+    x = torch.tensor(ids)
+    with torch.inference_mode():
+        fast = smollm2_llm.model(x)
+        with exact_gemms():
+            exact = smollm2_llm.model(x)
+    gemm_dtype.cache_clear()
+    assert scores["fp16"] == scores["fp32"]
+    assert not torch.equal(fast, exact)  # outside scoring, the fp16 GEMM
+
+
 def test_fp16_prefill_keeps_the_default_models_answers(smollm2_path, monkeypatch):
     """A question behind a long system prompt (its prefill takes the GEMM): the same greedy tokens in fp16 as
     in fp32, and the answer is still Paris. No prefix cache: each prompt is computed."""

@@ -15,6 +15,8 @@ AMX's fp16 tiles, where that runs ~6x faster behind a measured quality gate (`ge
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -24,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +156,25 @@ def gemm_dtype() -> torch.dtype:
     return GEMM_DTYPES[choice]
 
 
+_EXACT = contextvars.ContextVar("gale_exact_gemms", default=False)
+
+
+@contextlib.contextmanager
+def exact_gemms() -> Iterator[None]:
+    """Prefill GEMMs in fp32 inside the block, whatever gemm_dtype() says (this thread and context only: an
+    engine stepping in another thread keeps its own). Scoring uses it, so log-likelihoods (evaluation, the
+    server's echo) stay those of the dequantized model, which evaluation compares with reference harnesses."""
+    token = _EXACT.set(True)
+    try:
+        yield
+    finally:
+        _EXACT.reset(token)
+
+
+def _gemm_dtype_here() -> torch.dtype:
+    return torch.float32 if _EXACT.get() else gemm_dtype()
+
+
 class QuantLinear(nn.Module):
     """`y = x W^T` with W in GGUF's block records (any of KINDS), read in place.
 
@@ -189,16 +211,16 @@ class QuantLinear(nn.Module):
             return self(x.reshape(-1, self.in_features).float().contiguous()).reshape(*x.shape[:-1], -1)
         if x.requires_grad:
             return torch.nn.functional.linear(x, self.dequantized())
-        if x.shape[0] > (GEMM_F16_MIN_VECTORS if gemm_dtype() == torch.float16 else GEMM_MIN_VECTORS):
-            return self._gemm(x)
+        dtype = _gemm_dtype_here()
+        if x.shape[0] > (GEMM_F16_MIN_VECTORS if dtype == torch.float16 else GEMM_MIN_VECTORS):
+            return self._gemm(x, dtype)
         y = torch.empty(x.shape[0], self.out_features)
         self._lib.gale_gemv(self._mat, x.data_ptr(), y.data_ptr(), x.shape[0], torch.get_num_threads())
         return y
 
-    def _gemm(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """x W^T by torch's GEMM in `dtype` (gemm_dtype()), W dequantized a slice of rows at a time: a 14336x4096
-        layer holds 32 MB of fp32 at once instead of 235 MB (what a 7B prefill's peak RSS carried)."""
-        dtype = dtype or gemm_dtype()
+    def _gemm(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x W^T by torch's GEMM in `dtype`, W dequantized a slice of rows at a time: a 14336x4096 layer holds
+        32 MB of fp32 at once instead of 235 MB (what a 7B prefill's peak RSS carried)."""
         half = dtype == torch.float16
         rows = GEMM_F16_ROWS if half else max(1, GEMM_SLICE_VALUES // self.in_features)
         xt = x.T.to(dtype)

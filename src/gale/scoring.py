@@ -4,6 +4,7 @@ Each (context, continuation) pair is one sequence, and many of them are packed i
 Identical inputs (e.g. a question scored against single-token answers A/B/C/D) are computed once, and
 inputs that begin alike (few-shot examples shared by every question of a task) have that beginning
 computed once: its keys/values are copied into each sequence's slot of a cache, and only the rest is run.
+Prefill GEMMs stay fp32 here (`quant.exact_gemms`), even where generation takes fp16 ones.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from .cache import RollingCache, buffer_capacity, plan
 from .model import Transformer
 from .prefix import common_prefix_len
+from .quant import exact_gemms
 from .sampling import TokenLogprob
 
 MIN_SHARED = 32  # tokens a group of inputs must share before their common beginning is computed once
@@ -45,6 +47,7 @@ def _batches(lengths: list[int], order: list[int], max_tokens: int) -> Iterable[
         yield batch
 
 
+@exact_gemms()
 @torch.inference_mode()
 def score_continuations(
     model: Transformer,
@@ -146,6 +149,7 @@ def _shared_groups(keys: list[tuple[int, ...]], first_wanted: dict[int, int], mi
     return groups, alone
 
 
+@exact_gemms()
 @torch.inference_mode()
 def sequence_logprobs(model: Transformer, ids: list[int], *, chunk: int | None = None) -> list[float]:
     """Log-probability of ids[1:], each given everything before it that the model can see.
@@ -158,6 +162,7 @@ def sequence_logprobs(model: Transformer, ids: list[int], *, chunk: int | None =
             for lp in logp.gather(1, targets[:, None])[:, 0].tolist()]
 
 
+@exact_gemms()
 @torch.inference_mode()
 def prompt_logprobs(model: Transformer, ids: list[int], top: int) -> list[TokenLogprob]:
     """Per token of ids[1:]: its log-probability and the `top` most likely tokens there (the server's echo)."""
