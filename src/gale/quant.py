@@ -129,7 +129,8 @@ def prefetch_bytes() -> int:
     """How far ahead (bytes) the kernels prefetch the weights they stream: GALE_PREFETCH if set (0: none), else
     PREFETCH_BYTES on CPUs with AVX-512 and none elsewhere. Measured (benchmarks/NOTES.md): on Zen 5 (AVX-512)
     a 7B decode step ran 1.3x faster with it, the 14336-wide FFN matrices 1.9x; on Zen 3 (AVX2 only) the same
-    prefetches made decode 10-20% slower. Other AVX-512 CPUs (Zen 4, Intel) are unmeasured."""
+    prefetches made decode 10-20% slower. On a 2-core AMX Xeon VM 7B decode ran 1.6x faster with it (8-64 KB
+    alike). Zen 4 is unmeasured."""
     if "GALE_PREFETCH" in os.environ:
         return int(os.environ["GALE_PREFETCH"])
     return PREFETCH_BYTES if " avx512f" in _cpu_name() else 0
@@ -142,11 +143,12 @@ def gemm_dtype() -> torch.dtype:
 
     fp16 rounds the weights, the activations and each product's sum to 11 significant bits; the sums are fp32
     inside the GEMM, and everything outside the projections stays fp32 (residual stream, norms, attention,
-    decode's integer path). A slice whose fp16 result is not finite (fp16 ends at 65504) is recomputed in
-    fp32. Measured (benchmarks/NOTES.md): on a 2-core AMX Xeon, torch's fp16 and bf16 GEMMs (oneDNN) ran
-    1.4-2.1 TFLOPS against fp32's 0.24-0.33; fp16 was chosen over bf16 for its 3 more bits: on real text the
-    default model's top-1 agreement with the fp32 path was 99.2% in fp16 and 96.5% in bf16 (the gate:
-    tests/test_quant.py). CPUs without AMX-FP16 would convert fp16 in software: fp32 there."""
+    decode's integer path), and so do scoring's GEMMs (`exact_gemms`). A slice whose fp16 result is not
+    finite (fp16 ends at 65504) is recomputed in fp32. Measured (benchmarks/NOTES.md): on a 2-core AMX Xeon,
+    torch's fp16 and bf16 GEMMs (oneDNN) ran 1.4-2.1 TFLOPS against fp32's 0.24-0.33; fp16 was chosen over
+    bf16 for its 3 more bits: on real text the default model's top-1 agreement with the fp32 path was 99.2%
+    in fp16 and 96.5% in bf16 (the gate: tests/test_quant.py). CPUs without AMX-FP16 would convert fp16 in
+    software: fp32 there."""
     choice = os.environ.get("GALE_GEMM")
     if choice is None:
         amx_fp16 = getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)
