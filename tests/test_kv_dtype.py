@@ -97,8 +97,14 @@ def test_default_model_answers_hold(smollm2_path, kv_dtype):
         llm = gale.load(smollm2_path, device="cpu", dtype="fp32", progress=False, max_seqs=1, kv_dtype=dtype,
                         prefix_cache_tokens=0)
         assert llm.engine.cache.dtype == {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-        runs[dtype] = llm.generate(prompt, max_tokens=40, logprobs=0)
+        runs[dtype] = llm.generate(prompt, max_tokens=40, logprobs=2)
     ref, got = runs["fp32"], runs[kv_dtype]
-    assert got.token_ids == ref.token_ids and len(ref.token_ids) == 40
-    diffs = [abs(a.logprob - b.logprob) for a, b in zip(ref.logprobs, got.logprobs)]
-    assert max(diffs) < SMOL_BOUNDS[kv_dtype]
+    bound = SMOL_BOUNDS[kv_dtype]
+    # A greedy pick whose top two are closer than twice the bound may flip by rounding, and the texts part
+    # there (on an AMX Xeon bf16 parts at token 18, where fp32's top two are 0.014 apart): compare up to it.
+    margins = [a.top[0][1] - a.top[1][1] for a in ref.logprobs]
+    clear = next((i for i, m in enumerate(margins) if m < 2 * bound), len(margins))
+    assert len(ref.token_ids) == 40 and clear >= 12
+    assert got.token_ids[:clear] == ref.token_ids[:clear]
+    diffs = [abs(a.logprob - b.logprob) for a, b in zip(ref.logprobs[:clear], got.logprobs[:clear])]
+    assert max(diffs) < bound
