@@ -39,9 +39,9 @@ from .model import rope_rotations
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))  # compiled into one library
 GEMV_MAX_VECTORS = 8  # vectors per fp32 pass of the kernel over the blocks (MAX_VECTORS)
 GEMM_MIN_VECTORS = 64  # above this many vectors, dequantize the layer and use torch's GEMM (prefill)
-GEMM_F16_MIN_VECTORS = 24  # same for fp16 GEMMs (7B, 32-token prefill: 3.6 s vs 5.1 in the kernels; 16: 3.2 vs 2.4)
+GEMM_F16_MIN_VECTORS = 16  # same for fp16 GEMMs (7B: 16 tokens 1.6 s either way; 32: 1.7 s vs 5.1 in the kernels)
 GEMM_SLICE_VALUES = 1 << 23  # fp32 weights dequantized at a time for the GEMM (32 MB)
-GEMM_F16_ROWS = 2048  # rows of fp16 weights at a time: oneDNN's fp16 GEMM ran 2x slower on 1024 (16-58 MB)
+GEMM_F16_ROWS = 256  # rows of fp16 weights at a time: 2-7 MB, still in cache when the GEMM reads them
 GEMM_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # GALE_GEMM's choices (gemm_dtype)
 PREFETCH_BYTES = 16384  # the kernels' software prefetch distance where it helps (prefetch_bytes)
 KINDS = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")  # kernels.c's GALE_Q4_0 .. GALE_Q6_K
@@ -223,19 +223,28 @@ class QuantLinear(nn.Module):
     def _gemm(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """x W^T by torch's GEMM in `dtype`, W dequantized a slice of rows at a time: a 14336x4096 layer holds
         32 MB of fp32 at once instead of 235 MB (what a 7B prefill's peak RSS carried)."""
-        half = dtype == torch.float16
-        rows = GEMM_F16_ROWS if half else max(1, GEMM_SLICE_VALUES // self.in_features)
-        xt = x.T.to(dtype)
-        yt = torch.empty(self.out_features, x.shape[0], dtype=dtype)
+        if dtype == torch.float16:
+            return self._gemm_f16(x)
+        rows = max(1, GEMM_SLICE_VALUES // self.in_features)
+        yt = torch.empty(self.out_features, x.shape[0])
         for r0 in range(0, self.out_features, rows):
             n = min(rows, self.out_features - r0)
-            w = self.dequantized_f16(r0, n) if half else self.rows(torch.arange(r0, r0 + n))
-            torch.mm(w, xt, out=yt[r0:r0 + n])
-        # one fp32 sum tells whether any fp16 product overflowed (or x held NaN): ~4% of the GEMM's time,
-        # where isfinite().all() took 30%
-        if half and not bool(yt.sum(dtype=torch.float32).isfinite()):
+            torch.mm(self.rows(torch.arange(r0, r0 + n)), x.T, out=yt[r0:r0 + n])
+        return yt.T.contiguous()
+
+    def _gemm_f16(self, x: torch.Tensor) -> torch.Tensor:
+        """The fp16 GEMM over slices of GEMM_F16_ROWS rows, each multiplied while it is still in cache. Measured
+        on a 7B prefill of 512 tokens (benchmarks/NOTES.md): 78.8 tok/s against 65 with 2048-row slices (whose
+        fp16 rows went to DRAM and back) and 52.6 with 512-row ones (oneDNN's fp16 GEMM is slow on that width)."""
+        xh = x.to(torch.float16)
+        y = torch.empty(x.shape[0], self.out_features, dtype=torch.float16)
+        for r0 in range(0, self.out_features, GEMM_F16_ROWS):
+            n = min(GEMM_F16_ROWS, self.out_features - r0)
+            y[:, r0:r0 + n] = torch.mm(xh, self.dequantized_f16(r0, n).T)
+        # one fp32 sum tells whether any fp16 product overflowed (or x held NaN): isfinite().all() cost 10x more
+        if not bool(y.sum(dtype=torch.float32).isfinite()):
             return self._gemm(x, torch.float32)  # beyond fp16's range: as the fp32 path computes
-        return yt.T.contiguous().float()  # transposed in fp16 first: 3.5x faster than in one .to()
+        return y.float()
 
     def dequantized_f16(self, r0: int = 0, n: int | None = None) -> torch.Tensor:
         """fp16 rows r0 .. r0 + n of W (all by default): dequantized().half(), bit for bit."""
