@@ -18,6 +18,7 @@ Contract (the worked example uses capacity W=4, window W=4):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +42,9 @@ class BatchMeta:
     positions: torch.Tensor  # [N] absolute positions, for RoPE
     gather: torch.Tensor | None  # [B * Cmax] packed index of each padded row; None when all C_b are equal
     scatter: torch.Tensor | None  # [N] padded row of each packed token; None when all C_b are equal
-    mask: torch.Tensor  # [B, 1, Cmax, buffer_len (+ Cmax unless decode)] True = attend
+    query_pos: torch.Tensor  # [B, 1, Cmax, 1] absolute position of each padded query row
+    key_pos: torch.Tensor  # [B, 1, 1, buffer_len (+ Cmax unless decode)] each key's position, -1 = none
+    window: int | None
     slots: torch.Tensor | slice | None  # cache slots of the sequences (a slice when contiguous)
     buffer_len: int  # buffer entries each sequence's attention reads (0 without a cache)
     decode: bool  # write-then-attend over the buffer only
@@ -52,6 +55,15 @@ class BatchMeta:
     slot_ids: list[int] | None  # the slots as a list (None without a cache)
     # gale.attention's block masks, built by the first layer of a forward and reused by the others
     block_masks: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """`[B, 1, Cmax, n_keys]`, True = attend: the query at position p sees the key at k iff p - W < k <= p.
+        Built on first use: prefill by query blocks (gale.attention) never reads it, and for a chunk of W
+        tokens after W buffered ones it is W x 2W booleans (32 MB at W=4096, 100 MB for a 2W chunk)."""
+        qp, kp = self.query_pos, self.key_pos
+        mask = (kp >= 0) & (kp <= qp)
+        return mask if self.window is None else mask & (kp > qp - self.window)
 
     @property
     def batch_size(self) -> int:
@@ -128,12 +140,6 @@ def plan(
     key_pos = torch.where(real, start_t[:, None] + col[None, :], -1)  # [B, Cmax]: the chunk's own keys
     if buffer_len:  # the buffer's keys come first
         key_pos = torch.cat((_buffer_positions(start_t, buffer_len, capacity), key_pos), dim=1)
-    key_pos = key_pos[:, None, :]  # [B, 1, K]
-
-    qp = q_pos[:, :, None]
-    mask = (key_pos >= 0) & (key_pos <= qp)
-    if window is not None:
-        mask &= key_pos > qp - window
 
     write_src = write_slot = write_idx = None
     slot_ix: torch.Tensor | slice | None = None
@@ -152,7 +158,9 @@ def plan(
         positions=positions,
         gather=gather,
         scatter=scatter,
-        mask=mask[:, None],
+        query_pos=q_pos[:, None, :, None],
+        key_pos=key_pos[:, None, None, :],
+        window=window,
         slots=slot_ix,
         buffer_len=buffer_len,
         decode=False,
@@ -180,15 +188,14 @@ def _decode_plan(
     positions = torch.tensor(start, device=dev)
     buffer_len = min(capacity, max(start) + 1)
     key_pos = _buffer_positions(positions + 1, buffer_len, capacity)[:, None, None, :]  # never above the query's
-    mask = key_pos >= 0
-    if window is not None:
-        mask &= key_pos > positions[:, None, None, None] - window
     return BatchMeta(
         seqlens=[1] * B,
         positions=positions,
         gather=None,
         scatter=None,
-        mask=mask,
+        query_pos=positions[:, None, None, None],
+        key_pos=key_pos,
+        window=window,
         slots=_slot_index(slots, dev),
         buffer_len=buffer_len,
         decode=True,

@@ -82,18 +82,25 @@ class Attention(nn.Module):
         q = apply_rope(self.wq(x).view(n, self.n_heads, self.head_dim), rope)
         k = apply_rope(self.wk(x).view(n, self.n_kv_heads, self.head_dim), rope)
         v = self.wv(x).view(n, self.n_kv_heads, self.head_dim)
+        return self.wo(self.attend(q, k, v, meta, cache, layer))
 
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: BatchMeta, cache: RollingCache | None, layer: int
+    ) -> torch.Tensor:
+        """Attention proper: packed q `[N, heads, d]` and k/v `[N, kv_heads, d]` (rotated) -> `[N, heads * d]`,
+        over this layer's cache, which it updates."""
+        n = q.shape[0]
         if meta.decode:
             # One new token per sequence: store it, then attend over the buffer alone.
             cache.store(layer, meta, k, v)
             keys, values = cache.keys_values(layer, meta)
             if q.device.type == "cpu" and q.dtype == torch.float32:
-                return self.wo(decode_attention(q, keys, values, meta.mask).reshape(n, -1))
+                return decode_attention(q, keys, values, meta.mask).reshape(n, -1)
             out = F.scaled_dot_product_attention(q[:, :, None], keys, values, meta.mask, enable_gqa=True)
-            return self.wo(out.reshape(n, -1))
+            return out.reshape(n, -1)
 
         if pays(meta, self.query_block):
-            out = prefill_by_blocks(q, k, v, meta, cache, layer, self.window, self.query_block)
+            out = prefill_by_blocks(q, k, v, meta, cache, layer, self.window, self.query_block).reshape(n, -1)
         else:
             keys, values = to_padded(k, meta), to_padded(v, meta)
             if meta.buffer_len:
@@ -103,7 +110,7 @@ class Attention(nn.Module):
             out = from_padded(out, meta)
         if cache is not None:
             cache.store(layer, meta, k, v)  # after attending: a chunk longer than the buffer overwrites itself
-        return self.wo(out.reshape(n, -1))
+        return out
 
 
 def to_padded(x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:

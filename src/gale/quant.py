@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
+from .gguf_lib import GGML_QUANT_SIZES, GGMLQuantizationType
 from .model import rope_rotations
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))  # compiled into one library

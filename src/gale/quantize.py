@@ -109,11 +109,10 @@ def quantize(weight: torch.Tensor, kind: str) -> np.ndarray:
 
 
 def _quantize_numpy(x: torch.Tensor, kind: str) -> np.ndarray:
-    from gguf import GGMLQuantizationType
-    from gguf.quants import quantize as gguf_quantize
+    from .gguf_lib import GGMLQuantizationType, gguf
 
     try:
-        return gguf_quantize(x.numpy(), GGMLQuantizationType[kind])
+        return gguf.quants.quantize(x.numpy(), GGMLQuantizationType[kind])
     except NotImplementedError as e:
         raise QuantizeError(f"{kind} needs Gale's C quantizer, and no C compiler is available") from e
 

@@ -232,9 +232,9 @@ def load_tokenizer(path: str | Path, gguf_metadata: dict[str, Any] | None = None
 
 
 def _read_gguf_metadata(path: Path) -> dict[str, Any]:
-    from gguf import GGUFReader
+    from .gguf_lib import gguf
 
-    return {k: f.contents() for k, f in GGUFReader(path).fields.items() if k.startswith("tokenizer.")}
+    return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if k.startswith("tokenizer.")}
 
 
 def _json(path: Path) -> dict[str, Any]:

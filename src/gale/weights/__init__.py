@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from gguf import GGMLQuantizationType
 from safetensors.torch import save_file
 from torch import nn
 
 from ..config import ModelArgs, to_hf_config, to_params_json
+from ..gguf_lib import GGMLQuantizationType
 from ..model import Transformer
 from .checkpoint import Checkpoint, CheckpointError
 from .export import write_gguf

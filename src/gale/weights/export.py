@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 
 from ..config import ModelArgs
+from ..gguf_lib import gguf
 from ..quantize import FORMATS, SCHEMES, QuantizeError, row_bytes, scheme_name
 from .checkpoint import Checkpoint, CheckpointError
 from .gguf import gale_to_gguf_name

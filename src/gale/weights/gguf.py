@@ -14,10 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize
 
 from ..config import from_gguf_metadata
+from ..gguf_lib import GGML_QUANT_SIZES, GGMLQuantizationType, gguf
 from .checkpoint import Checkpoint, CheckpointError
 
 _LAYER_NAMES = {
@@ -143,7 +142,7 @@ def dequantize_supported(kind: GGMLQuantizationType) -> bool:
         return True
     block, size = GGML_QUANT_SIZES[kind]
     try:
-        dequantize(np.zeros((1, size), dtype=np.uint8), kind)
+        gguf.quants.dequantize(np.zeros((1, size), dtype=np.uint8), kind)
     except (NotImplementedError, ValueError, KeyError):
         return False
     return True
@@ -171,7 +170,7 @@ def dequantize_blocks(raw: np.ndarray, kind: str | GGMLQuantizationType, shape: 
     kind = GGMLQuantizationType[kind] if isinstance(kind, str) else kind
     if kind in _FAST:
         return _dequantize_legacy(raw, kind).reshape(shape)
-    return torch.from_numpy(np.array(raw) if kind in _PLAIN else dequantize(raw, kind)).reshape(shape)
+    return torch.from_numpy(np.array(raw) if kind in _PLAIN else gguf.quants.dequantize(raw, kind)).reshape(shape)
 
 
 def _read_tensor(header: _Header, name: str) -> torch.Tensor:
