@@ -229,3 +229,19 @@ def test_tile_window_docstring_example():
     assert tile_window(4, 3, 4) == 4 and tile_window(0, 3, 4) is None and tile_window(2, 3, 4) is False
     assert tile_window(9, 5, 4) is False  # a block longer than the window keeps its band mask
     assert tile_window(9, 5, None) is None
+
+
+def test_block_path_never_builds_the_dense_mask():
+    """The dense [B, 1, Cmax, buffer + Cmax] mask is built on first use: a step by query blocks does without it
+    (a W chunk after W keys: W x 2W booleans), a dense step builds it, and it is the mask plan() describes."""
+    args = tiny_args(sliding_window=4, n_layers=1)
+    model = set_block(reference_pair(args, seed=0)[1], 2)
+    cache = RollingCache(args, 1)
+    x = torch.randint(0, 101, (7,))
+    with torch.inference_mode():
+        for n, blocks in ((3, True), (2, False), (1, False)):  # then a 2-token chunk (one block: dense), decode
+            meta = cache.prepare([0], [n])
+            model(x[:n], meta, cache)
+            assert ("mask" not in meta.__dict__) == blocks, n
+    meta = plan([2], [5], 4, capacity=4, slots=[0])  # positions 5, 6; buffer indices 0..3 hold 4, 1, 2, 3
+    assert meta.mask.int().tolist() == [[[[1, 0, 1, 1, 1, 0], [1, 0, 0, 1, 1, 1]]]]
