@@ -7,8 +7,9 @@ Makes a Mistral-7B-shaped model of random weights (dim 4096, 32 layers, 32 query
 hidden 14336, vocab 32000 with Mistral's real v1 tokenizer from mistral-common, window 4096) as an F16 GGUF
 through Gale's own writer (`gale quantize`'s), derives Q4_K_M, Q4_0 and Q8_0 files from it with llama.cpp's
 own quantizer (`llama_model_quantize` from llama-cpp-python), caches them under --cache (outside the repo),
-then runs each engine on each file in a subprocess of its own (clean load time and peak RSS) and prints: load
-time, peak RSS (and over a bare `import torch` process), prefill tok/s for a --prompt-tokens prompt, decode
+then runs each engine on each file in a subprocess of its own (clean load time and peak RSS) and prints: the
+library's import time (`import gale.llm` / `llama_cpp`, after torch), load time (opening the file until ready,
+imports excluded), peak RSS (and over a bare `import torch` process), prefill tok/s for a --prompt-tokens prompt, decode
 tok/s at batch 1 and batch 4, and the bandwidth roofline: bytes read per decoded token (every weight but
 the embedding table) / the read bandwidth this script measures (torch.sum over 2 GB, the same threads).
 """
@@ -118,16 +119,18 @@ def run_gale(a: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(a.threads)
-    import gale
+    t0 = time.perf_counter()
+    import gale.llm  # the library: its import is import_s, outside load_s, as for llama_cpp
     from gale.sampling import SamplingParams
 
+    import_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    llm = gale.load(a.model, device="cpu", dtype="fp32", max_seqs=4, progress=False, prefix_cache_tokens=0)
+    llm = gale.llm.load(a.model, device="cpu", dtype="fp32", max_seqs=4, progress=False, prefix_cache_tokens=0)
     load_s = time.perf_counter() - t0
     ids = (llm.tokenizer.encode(PROMPT * 200))[: a.prompt_tokens]
     gale_single(llm.engine, ids[:8], 2)  # warm-up
     runs = [gale_single(llm.engine, ids, a.decode_tokens)[:2] for _ in range(a.repeats)]
-    out = {"load_s": load_s, "prefill_tps": len(ids) / median([r[0] for r in runs]),
+    out = {"import_s": import_s, "load_s": load_s, "prefill_tps": len(ids) / median([r[0] for r in runs]),
            "decode_tps": median([r[1] for r in runs]), "rss_b1_mb": rss_mb()}
     prompts = [ids[i * 8:(i + 1) * 8] for i in range(4)]
     params = [SamplingParams(max_tokens=a.decode_tokens, ignore_eos=True)] * 4
@@ -144,10 +147,12 @@ def run_gale(a: argparse.Namespace) -> dict:
 
 
 def run_llama(a: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
     try:
         import llama_cpp
     except ImportError:
         return {"missing": "llama-cpp-python not installed (pip install -e .[bench])"}
+    import_s = time.perf_counter() - t0
     import numpy as np
 
     from gale.tokenizer import load_tokenizer
@@ -196,7 +201,7 @@ def run_llama(a: argparse.Namespace) -> dict:
 
     single(ids[:8], 2)
     runs = [single(ids, a.decode_tokens) for _ in range(a.repeats)]
-    out = {"load_s": load_s, "prefill_tps": len(ids) / median([r[0] for r in runs]),
+    out = {"import_s": import_s, "load_s": load_s, "prefill_tps": len(ids) / median([r[0] for r in runs]),
            "decode_tps": median([r[1] for r in runs]), "rss_b1_mb": rss_mb(), "version": llama_cpp.__version__}
     clear()
     prompts = [ids[i * 8:(i + 1) * 8] for i in range(4)]
@@ -226,8 +231,8 @@ def spawn(a: argparse.Namespace, engine: str, model: Path | None) -> dict:
 
 def table(results: dict[str, dict[str, dict]], base: dict, per_token: dict[str, int]) -> str:
     gbs = base["read_gbs"]
-    cols = [("load_s", "load s", 2), ("prefill_tps", "prefill tok/s", 2), ("decode_tps", "decode tok/s B=1", 2),
-            ("b4_tps", "tok/s B=4", 2), ("rss_mb", "peak RSS MB", 0)]
+    cols = [("import_s", "import s", 2), ("load_s", "load s", 2), ("prefill_tps", "prefill tok/s", 2),
+            ("decode_tps", "decode tok/s B=1", 2), ("b4_tps", "tok/s B=4", 2), ("rss_mb", "peak RSS MB", 0)]
     lines = ["| file | engine | " + " | ".join(c[1] for c in cols) + " | RSS over torch MB | B=1 / roofline |",
              "|" + "---|" * (len(cols) + 4)]
     for kind, engines in results.items():

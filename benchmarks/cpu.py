@@ -6,11 +6,12 @@ Every engine runs in its own subprocess (this script re-invoked with `--engine N
 line), so load time and peak RSS are clean. All engines get the same GGUF file, the same token ids and the
 same thread count. Speed figures are medians over `--repeats` runs after one warm-up.
 
-Figures: load (s); TTFT (s) for a 512-token prompt, prefill tok/s = 512 / TTFT; decode tok/s at batch 1 for
-128 greedy tokens after that prompt (EOS ignored; measured from the first token to the last); throughput at
-batch 8 and 32 (new tokens / wall time, distinct short prompts, EOS ignored); peak RSS (MB) after the batch-1
-runs. A synthetic ~1B Mistral (random weights, sliding window) compares Gale with transformers'
-MistralForCausalLM on identical weights.
+Figures: import (s: the library's own import, `import gale.llm` / `llama_cpp` / `transformers`, after
+torch); load (s: opening the file until ready, imports excluded); TTFT (s) for a 512-token prompt, prefill
+tok/s = 512 / TTFT; decode tok/s at batch 1 for 128 greedy tokens after that prompt (EOS ignored; measured from
+the first token to the last); throughput at batch 8 and 32 (new tokens / wall time, distinct short prompts, EOS
+ignored); peak RSS (MB) after the batch-1 runs. A synthetic ~1B Mistral (random weights, sliding window)
+compares Gale with transformers' MistralForCausalLM on identical weights.
 """
 
 from __future__ import annotations
@@ -100,17 +101,20 @@ def run_gale(a: argparse.Namespace, job: dict) -> dict:
     import torch
 
     torch.set_num_threads(a.threads)
-    import gale
+    t0 = time.perf_counter()
+    import gale.llm  # the library: its import is import_s, outside load_s, as for llama_cpp and transformers
     from gale.engine import Engine
 
+    import_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     # No prefix cache: every repeat computes its whole prompt (llama.cpp's runs reset their cache too).
-    llm = gale.load(a.model, device="cpu", dtype="fp32", max_seqs=1, progress=False, prefix_cache_tokens=0)
+    llm = gale.llm.load(a.model, device="cpu", dtype="fp32", max_seqs=1, progress=False, prefix_cache_tokens=0)
     load_s = time.perf_counter() - t0
     figures = single_stream(lambda ids, k: gale_single(llm.engine, ids, k), job["long"], a.decode_tokens, a.repeats)
     text = llm.chat([{"role": "user", "content": CHAT_Q}], max_tokens=40).text
     weights = sum(m.in_features * m.out_features for m in llm.model.layers.modules() if hasattr(m, "in_features"))
-    out = {"load_s": load_s, **figures, "rss_mb": rss_mb(), "text": text, "gflop_per_token": 2 * weights / 1e9}
+    out = {"import_s": import_s, "load_s": load_s, **figures, "rss_mb": rss_mb(), "text": text,
+           "gflop_per_token": 2 * weights / 1e9}
     for b in a.batches:
         llm.engine = Engine(llm.model, llm.tokenizer, max_seqs=b, prefix_cache_tokens=0)
         prompts = batch_prompts(b)
@@ -127,10 +131,12 @@ def run_gale(a: argparse.Namespace, job: dict) -> dict:
 
 
 def run_llama(a: argparse.Namespace, job: dict) -> dict:
+    t0 = time.perf_counter()
     try:
         import llama_cpp
     except ImportError:
         return {"missing": "not installed (pip install -e .[bench])"}
+    import_s = time.perf_counter() - t0
 
     def single(llm, prompt: list[int], n: int) -> tuple[float, float]:  # noqa: ANN001
         llm.reset()
@@ -154,8 +160,8 @@ def run_llama(a: argparse.Namespace, job: dict) -> dict:
     llm.reset()
     resp = llm.create_chat_completion([{"role": "user", "content": CHAT_Q}], temperature=0.0, top_k=1,
                                       max_tokens=40, repeat_penalty=1.0)
-    return {"load_s": load_s, **figures, "rss_mb": rss_mb(), "text": resp["choices"][0]["message"]["content"],
-            "version": llama_cpp.__version__}
+    return {"import_s": import_s, "load_s": load_s, **figures, "rss_mb": rss_mb(),
+            "text": resp["choices"][0]["message"]["content"], "version": llama_cpp.__version__}
 
 
 class _Clock:
@@ -191,9 +197,11 @@ def run_hf(a: argparse.Namespace, job: dict) -> dict:
     import torch
 
     torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import_s = time.perf_counter() - t0
     transformers.logging.set_verbosity_error()
     model_path = Path(a.model)
     t0 = time.perf_counter()
@@ -207,7 +215,8 @@ def run_hf(a: argparse.Namespace, job: dict) -> dict:
     with torch.inference_mode():
         o = model.generate(**chat_ids, max_new_tokens=40, do_sample=False)
     text = tok.decode(o[0, chat_ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    out = {"load_s": load_s, **figures, "rss_mb": rss_mb(), "text": text, "version": transformers.__version__}
+    out = {"import_s": import_s, "load_s": load_s, **figures, "rss_mb": rss_mb(), "text": text,
+           "version": transformers.__version__}
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -363,7 +372,8 @@ def cell(res: dict, gale: dict, key: str, digits: int) -> str:
     return f"{fmt(v, digits)} ({g / v:.2f}x)"
 
 
-COLUMNS = [("load_s", "load s", 2), ("prefill_tps", "prefill tok/s (512)", 1), ("ttft_s", "TTFT s (512)", 3),
+COLUMNS = [("import_s", "import s", 2), ("load_s", "load s", 2), ("prefill_tps", "prefill tok/s (512)", 1),
+           ("ttft_s", "TTFT s (512)", 3),
            ("decode_tps", "decode tok/s (B=1)", 1), ("b8_tps", "tok/s B=8", 1), ("b32_tps", "tok/s B=32", 1),
            ("rss_mb", "peak RSS MB (B=1)", 0)]
 
@@ -373,7 +383,7 @@ def table(results: dict[str, dict], a: argparse.Namespace) -> str:
     cols = [(k, label.replace("512", n), d) for k, label, d in COLUMNS]
     cols = [c for c in cols if not (c[0].startswith("b") and int(c[0][1:-4]) not in a.batches)]
     extra = [(f"b{b}_tps", f"tok/s B={b}", 1) for b in a.batches if b not in (8, 32)]
-    cols = cols[:5] + extra + cols[5:]
+    cols = cols[:6] + extra + cols[6:]
     head = "| engine | " + " | ".join(c[1] for c in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 1)]
     gale = results.get("gale", {})
