@@ -249,9 +249,12 @@ def test_a_non_gguf_file_is_refused(tmp_path):
 
 
 def test_gguf_cut_inside_its_vocabulary(smollm2_path, tmp_path):
-    """The default model's header cut in the middle of its 49152-string vocabulary: a clear error, not a short
+    """The default model's header cut in the middle of its 49152-string vocabulary, inside a string's 8-byte
+    length or its bytes (12 cuts in a row span a string or two of ~6 bytes): a clear error, not a short
     vocabulary."""
     path = tmp_path / "cut.gguf"
     with open(smollm2_path, "rb") as f:
-        path.write_bytes(f.read(300_000))
-    expect_error(path, str(path), "past the end")
+        head = f.read(300_012)
+    for cut in range(300_000, 300_012):
+        path.write_bytes(head[:cut])
+        expect_error(path, str(path), "past the end")

