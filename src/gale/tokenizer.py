@@ -8,6 +8,7 @@ a "gpt2" vocabulary becomes a byte-level BPE built the way transformers builds i
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Iterable, Sequence
 from functools import cache
@@ -348,10 +349,9 @@ def _byte_level_bpe(meta: dict[str, Any]) -> tokenizers.Tokenizer:
     (unless they use characters outside the alphabet: a llama.cpp mislabel), user-defined ones plain added tokens.
     """
     spelling = _byte_alphabet()
-    alphabet = set(spelling.values())
+    spelled = re.compile(f"[{re.escape(''.join(spelling.values()))}]*").fullmatch  # 2x set(t) <= alphabet
     tokens = meta["tokenizer.ggml.tokens"]
-    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-             for i, t in enumerate(tokens)}
+    vocab = {t if spelled(t) else "".join(spelling[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)}
     merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
     tok = tokenizers.Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                                    end_of_word_suffix="", fuse_unk=False))
@@ -362,7 +362,7 @@ def _byte_level_bpe(meta: dict[str, Any]) -> tokenizers.Tokenizer:
     tok.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type") or []
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types)
-                            if k == _CONTROL and set(t) <= alphabet])
+                            if k == _CONTROL and spelled(t)])
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types)
                     if k == _USER_DEFINED and t in vocab])
     return tok
