@@ -62,12 +62,12 @@ def layer(kind: str, out_features: int = 96, in_features: int = 512, seed: int =
 
 def single_vector_bound(x: torch.Tensor, w: torch.Tensor, kind: str) -> torch.Tensor:
     """What the integer path (one vector; the K-quants' batches up to 64) guarantees: each activation is held to
-    16 bits of its group's largest value (error <= max / 65534 each), so |error| <= sum_groups max|x_g|
-    sum_(j in g) |w_j| / 65534, plus fp32 summation noise."""
+    16 bits of its group's largest value (error <= max / 65278 each: a = round(x / s) with s = max / 32639), so
+    |error| <= sum_groups max|x_g| sum_(j in g) |w_j| / 65278, plus fp32 summation noise."""
     group = GGML_QUANT_SIZES[GGMLQuantizationType[kind]][0]
     top = x.double().abs().reshape(x.shape[0], -1, group).amax(-1)  # [n, groups]
     wsum = w.double().abs().reshape(w.shape[0], -1, group).sum(-1)  # [rows, groups]
-    return top @ wsum.T / 65534 * 1.001 + 1e-6 * (x.double().abs() @ w.double().abs().T)
+    return top @ wsum.T / 65278 * 1.001 + 1e-6 * (x.double().abs() @ w.double().abs().T)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -97,7 +97,7 @@ def test_products_equal_fp32_ones(kind, n):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n", [1, 4])
 def test_integer_sums_hold_at_the_largest_weights_and_activations(kind, n):
-    """Every quantized value and scale at its largest, every activation equal (all at 32767 after the group's
+    """Every quantized value and scale at its largest, every activation equal (all at 32639 after the group's
     scaling): the int32 sums of the integer path must not wrap (kernels.c's bounds)."""
     width, size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
     raw = np.full((8, 1024 // width, size), 0xFF, np.uint8)
@@ -250,17 +250,14 @@ def test_fp16_rows_round_as_torch_at_the_range_ends(kind, vector, tmp_path):
     the same bits as torch's rounding of the fp32 rows, infinities and subnormals included."""
     import ctypes
 
-    from gale.quant import SOURCES, _QMat
+    from gale.quant import _QMat
 
     raw = extreme_blocks(kind)
     w = torch.from_numpy(dequantize(raw, GGMLQuantizationType[kind]).reshape(16, 256).copy())
     if vector:
         got = QuantLinear.from_gguf(kind, raw, 16, 256).dequantized_f16()
     else:
-        lib = tmp_path / "portable.so"
-        subprocess.run(["cc", *build_flags(), "-mno-avx512f", *map(str, SOURCES), "-o", str(lib)], check=True,
-                       capture_output=True, timeout=120)
-        dll = ctypes.CDLL(str(lib))
+        dll = variant_library(tmp_path, "-mno-avx512f")
         dll.gale_dequant_f16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                          ctypes.c_int]
         got = torch.empty(16, 256, dtype=torch.float16)
@@ -269,6 +266,18 @@ def test_fp16_rows_round_as_torch_at_the_range_ends(kind, vector, tmp_path):
     ref = w.half()
     assert ref.isinf().any() and (ref != 0).any()
     assert torch.equal(got.view(torch.int16), ref.view(torch.int16))
+
+
+def variant_library(tmp_path: Path, *flags: str):
+    """The kernels built with extra compiler flags (say, without an instruction set this CPU has)."""
+    import ctypes
+
+    from gale.quant import SOURCES
+
+    lib = tmp_path / "variant.so"
+    subprocess.run(["cc", *build_flags(), *flags, *map(str, SOURCES), "-o", str(lib)], check=True,
+                   capture_output=True, timeout=120)
+    return ctypes.CDLL(str(lib))
 
 
 def fp16_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -392,6 +401,42 @@ def test_prefetching_builds_give_the_same_products():
         results[distance] = np.load(path)
         os.remove(path)
     assert np.array_equal(results["0"], results["2048"])
+
+
+def _beyond_avx2() -> bool:
+    """Whether this CPU has instructions an AVX2-only build leaves out (AVX-512, AVX-VNNI)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = set(text.split("\nflags", 1)[1].split("\n", 1)[0].split()) if "\nflags" in text else set()
+    return bool({"avx512f", "avx_vnni"} & flags)
+
+
+@pytest.mark.skipif(not _beyond_avx2(), reason="this CPU's build is the AVX2-only one")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rows", [64, 60])
+def test_avx2_builds_give_this_builds_products(kind, rows, tmp_path):
+    """Eight Q4_0 rows at a time meet byte planes of the activations through VNNI's vpdpbusd, or through two
+    AVX2 instructions without it, and gather their scales (vpmovdw, or a byte shuffle): an AVX2-only build must
+    give the same products up to fp32 rounding, both within the integer path's bound of the fp32 product (60
+    rows: the last four one at a time)."""
+    import ctypes
+
+    from gale.quant import _QMat
+
+    dll = variant_library(tmp_path, "-mno-avx512f", "-mno-avxvnni")
+    dll.gale_gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
+    raw = blocks(kind, rows, 1024, seed=3)
+    lin = QuantLinear.from_gguf(kind, raw, rows, 1024)
+    w = torch.from_numpy(dequantize(raw, GGMLQuantizationType[kind]).reshape(rows, 1024).copy())
+    mat = _QMat(KINDS.index(kind), raw.ctypes.data, rows, 1024)
+    for n in (1, 4, 9):
+        x = torch.randn(n, 1024) * torch.logspace(-2, 2, 1024)
+        avx2 = torch.empty(n, rows)
+        dll.gale_gemv(ctypes.byref(mat), x.data_ptr(), avx2.data_ptr(), n, 1)
+        this = lin(x)
+        torch.testing.assert_close(this, avx2, rtol=1e-5, atol=1e-6 * float((x.abs() @ w.abs().T).max()))
+        if n == 1 or kind in K_KINDS:
+            for got in (this, avx2):
+                assert (got.double() - x.double() @ w.double().T).abs().le(single_vector_bound(x, w, kind)).all()
 
 
 def test_library_key_names_the_cpus_features():

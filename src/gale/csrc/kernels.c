@@ -22,6 +22,16 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define GALE_AVX2 1
+/* VNNI's 8-bit products (vpdpbusd: 32 unsigned bytes times 32 signed bytes, summed in fours into 8 int32
+ * lanes, one instruction), in its EVEX (AVX512-VNNI + VL) or VEX (AVX-VNNI) form; without VNNI two AVX2
+ * instructions do the same (vpmaddubsw's pair sums stay below int16's limit for 4-bit weights). */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DPBUSD _mm256_dpbusd_epi32
+#elif defined(__AVXVNNI__)
+#define DPBUSD _mm256_dpbusd_avx_epi32
+#else
+#define DPBUSD(acc, u, s) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
+#endif
 #endif
 
 #define MAX_VECTORS 8
@@ -224,8 +234,9 @@ static inline void unpack_q8(const int8_t *q, __m256 w[4]) {
 #ifdef GALE_AVX2
 /* ---- one vector: integer products on the weights' own integers ----
  * Each group of x (32 columns for the 32-wide kinds, 256 for the super-block kinds, matching the weights'
- * scales) is written as x = s * a with int16 a = round(x / s) in [-32767, 32767] (s = max|x| / 32767: 16
- * bits, error <= 2^-16 of the group's largest value). The weights' 4-8 bit integers are widened to int16 in
+ * scales) is written as x = s * a with int16 a = round(x / s) in [-32639, 32639] (s = max|x| / 32639: 16
+ * bits, error <= 2^-16 of the group's largest value; 32639 = 127 * 257, so a = 256 h + l with h and l signed
+ * bytes: the planes of rows8_q4). The weights' 4-8 bit integers are widened to int16 in
  * registers (one byte unpack) and meet a in vpmaddwd, exact int32 sums of pairs: two multiplies per 32
  * weights, and the blocks' scales apply once per 32 (Q6_K: 16) columns in fp32. llama.cpp rounds
  * activations to 8 bits instead, which derails small models; 16 bits keep their answers
@@ -237,6 +248,7 @@ static inline void unpack_q8(const int8_t *q, __m256 w[4]) {
  * product's int32 lanes 0-3 then sum columns 0-15 and lanes 4-7 columns 16-31 (Q6_K's two scales). */
 typedef struct {
     int16_t *a;        /* [cols], each 32 columns in unpack order */
+    int8_t *h, *l;     /* [cols]: a = 256 h + l, column order (32-wide groups only: rows8_q4) */
     float *scale;      /* [groups]: s */
     float *sum;        /* [cols / 32]: s * sum(a) of each 32 columns, what Q4_1's offsets multiply (32-wide) */
     int32_t *sum16;    /* [cols / 16]: sum(a) of each 16 columns (Q6_K's -32) */
@@ -244,7 +256,7 @@ typedef struct {
     int32_t *minus8;   /* [cols / 32][8]: {-8 sum(a), 0, ..}, Q4_0's offset on a block's lanes (32-wide) */
 } gale_xq;
 
-#define XQ_MAX 32767.f
+#define XQ_MAX 32639.f
 #define XQ_VECTORS 4 /* vectors per pass over a row: their accumulators fill the 16 registers */
 
 /* Software prefetch of the weights GALE_PREFETCH bytes ahead of the block being multiplied (0: none). quant.py
@@ -266,6 +278,8 @@ static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *
 
 static void xq_alloc(gale_xq *xq, int64_t cols) {
     xq->a = malloc(sizeof(int16_t) * cols);
+    xq->h = malloc(cols);
+    xq->l = malloc(cols);
     xq->scale = malloc(sizeof(float) * (cols / 32));
     xq->sum = malloc(sizeof(float) * (cols / 32));
     xq->sum16 = malloc(sizeof(int32_t) * (cols / 16));
@@ -273,7 +287,10 @@ static void xq_alloc(gale_xq *xq, int64_t cols) {
     xq->minus8 = calloc(cols / 4, sizeof(int32_t));
 }
 
-static void xq_free(gale_xq *xq) { free(xq->a); free(xq->scale); free(xq->sum); free(xq->sum16); free(xq->sum32); free(xq->minus8); }
+static void xq_free(gale_xq *xq) {
+    free(xq->a), free(xq->h), free(xq->l);
+    free(xq->scale); free(xq->sum); free(xq->sum16); free(xq->sum32); free(xq->minus8);
+}
 
 static inline int32_t hsum_i32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -290,6 +307,25 @@ static inline float abs_max(const float *x, int64_t n) {
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+}
+
+/* 32 int32 values (v[k]: columns 8k..8k+7) as signed bytes in column order at dst. packs works within 128-bit
+ * lanes, leaving 4-byte groups in the order v0 0-3, v1 0-3, v2 0-3, v3 0-3 | v0 4-7, ...: one permute fixes it. */
+static inline void store_bytes(const __m256i v[4], int8_t *dst) {
+    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    _mm256_storeu_si256((__m256i *)dst, _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+/* Columns c..c+31 of a (a[k]: columns 8k..8k+7) into the planes: h = (a + 128) >> 8, l = a - 256 h, both in
+ * [-127, 127] since |a| <= 32639. */
+static inline void store_planes(const __m256i a[4], gale_xq *xq, int64_t c) {
+    __m256i h[4], l[4], r = _mm256_set1_epi32(128);
+    for (int k = 0; k < 4; k++) {
+        h[k] = _mm256_srai_epi32(_mm256_add_epi32(a[k], r), 8);
+        l[k] = _mm256_sub_epi32(a[k], _mm256_slli_epi32(h[k], 8));
+    }
+    store_bytes(h, xq->h + c);
+    store_bytes(l, xq->l + c);
 }
 
 /* Quantize x [cols] in groups of `group` columns (32 or 256). Groups whose largest |x| is below 1e-30 (or
@@ -311,7 +347,8 @@ static void xq_quantize(const float *x, int64_t cols, int64_t group, gale_xq *xq
             xq->sum16[i16] = hsum_i32(_mm256_add_epi32(a[0], a[1]));
             xq->sum16[i16 + 1] = hsum_i32(_mm256_add_epi32(a[2], a[3]));
             xq->sum32[i16 / 2] = xq->sum16[i16] + xq->sum16[i16 + 1];
-            if (group == 32) { /* the 32-wide kinds' offsets */
+            if (group == 32) { /* the 32-wide kinds' planes and offsets */
+                store_planes(a, xq, g * group + c);
                 xq->minus8[8 * (i16 / 2)] = -8 * xq->sum32[i16 / 2];
                 xq->sum[i16 / 2] = s * (float)xq->sum32[i16 / 2];
             }
@@ -376,11 +413,77 @@ static inline __attribute__((always_inline)) void row_dot_legacy(int64_t kind, c
     for (int v = 0; v < N; v++) out[v] = hsum(_mm256_add_ps(acc0[v], acc1[v])) + off0[v] + off1[v];
 }
 
+/* The low 16 bits of each int32 lane, packed (vpmovdw with AVX-512, a byte shuffle without). */
+static inline __m128i low_halves(__m256i v) {
+#ifdef __AVX512VL__
+    return _mm256_cvtepi32_epi16(v);
+#else
+    const __m256i pick = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, pick), 0x08));
+#endif
+}
+
+/* Eight consecutive rows of Q4_0 or Q4_1 (row r at row0 + r stride) against one vector: out[r] = row r . x. One row at a
+ * time pays, per block of 32 weights, a scale conversion, a broadcast, an fp32 conversion and an FMA besides
+ * the products; here int32 lane r of every vector is row r, so those run once for eight rows (the scales
+ * gathered), and each activation dword is broadcast to the eight rows' products.
+ *
+ * Per block b the rows' 16 quant bytes are transposed in 4-byte groups: T[k] lane r = row r's bytes 4k..4k+3,
+ * whose low nibbles are columns 4k..4k+3 and high nibbles columns 16 + 4k..16 + 4k + 3. Example, row 5, k = 1:
+ * T[1] lane 5 low nibbles = W[5, 32 b + 4..7], meeting the broadcast planes' columns 32 b + 4..7. vpdpbusd then
+ * sums each lane's four products: after k = 0..3, lane r holds row r's q . h and q . l over the block, and
+ * (q - 8) . a = 256 (q . h) + (q . l) - 8 sum(a), exact in int32 as in the other paths (Q4_1: q . a, its
+ * offsets m gathered with d, the dword's high half, times s sum(a)). */
+static inline __attribute__((always_inline)) void rows8_q4(int64_t kind, const uint8_t *row0, int64_t stride,
+                                                           const gale_xq *xq, int64_t nb, float *out) {
+    const int64_t bytes = BLOCK_BYTES[kind];
+    const __m256i nibble = _mm256_set1_epi8(0x0f), z = _mm256_setzero_si256();
+    const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)stride));
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row0 + bytes * b, *q = block_qs(kind, blk);
+        if ((b & 3) == 0)
+            for (int r = 0; r < 8; r++) prefetch_ahead(blk + r * stride, 2);
+#define Q4_ROWS(lo, hi) _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(q + (hi) * stride)), \
+                                         _mm_loadu_si128((const __m128i *)(q + (lo) * stride)))
+        __m256i y0 = Q4_ROWS(0, 4), y1 = Q4_ROWS(1, 5), y2 = Q4_ROWS(2, 6), y3 = Q4_ROWS(3, 7);
+#undef Q4_ROWS
+        __m256i t0 = _mm256_unpacklo_epi32(y0, y1), t1 = _mm256_unpackhi_epi32(y0, y1);
+        __m256i t2 = _mm256_unpacklo_epi32(y2, y3), t3 = _mm256_unpackhi_epi32(y2, y3);
+        __m256i T[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2), _mm256_unpacklo_epi64(t1, t3),
+                        _mm256_unpackhi_epi64(t1, t3)};
+        const int8_t *h = xq->h + 32 * b, *l = xq->l + 32 * b;
+        __m256i ph0 = z, ph1 = z, pl0 = kind == GALE_Q4_0 ? _mm256_set1_epi32(xq->minus8[8 * b]) : z, pl1 = z;
+        for (int k = 0; k < 4; k++) {
+            int32_t h0, h1, l0, l1;
+            memcpy(&h0, h + 4 * k, 4), memcpy(&h1, h + 16 + 4 * k, 4), memcpy(&l0, l + 4 * k, 4), memcpy(&l1, l + 16 + 4 * k, 4);
+            __m256i lo = _mm256_and_si256(T[k], nibble), hi = _mm256_and_si256(_mm256_srli_epi16(T[k], 4), nibble);
+            ph0 = DPBUSD(ph0, lo, _mm256_set1_epi32(h0));
+            ph1 = DPBUSD(ph1, hi, _mm256_set1_epi32(h1));
+            pl0 = DPBUSD(pl0, lo, _mm256_set1_epi32(l0));
+            pl1 = DPBUSD(pl1, hi, _mm256_set1_epi32(l1));
+        }
+        __m256i p = _mm256_add_epi32(_mm256_slli_epi32(_mm256_add_epi32(ph0, ph1), 8), _mm256_add_epi32(pl0, pl1));
+        __m256i dm = _mm256_i32gather_epi32((const int *)blk, offsets, 1); /* d | m << 16 */
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(_mm256_cvtph_ps(low_halves(dm)),
+                                                                 _mm256_set1_ps(xq->scale[b])), acc);
+        if (kind == GALE_Q4_1)
+            acc = _mm256_fmadd_ps(_mm256_cvtph_ps(low_halves(_mm256_srli_epi32(dm, 16))), _mm256_set1_ps(xq->sum[b]), acc);
+    }
+    _mm256_storeu_ps(out, acc);
+}
+
+static void rows8_dot(int64_t kind, const uint8_t *row0, int64_t stride, const gale_xq *xq, int64_t nb, float *out) {
+    if (kind == GALE_Q4_0) rows8_q4(GALE_Q4_0, row0, stride, xq, nb, out);
+    else rows8_q4(GALE_Q4_1, row0, stride, xq, nb, out);
+}
+
 /* One row of Q4_K / Q5_K for N vectors: per super-block s * (d * sum_i ((sc_i q) . a)_i - dmin * sum_i m_i
  * sum(a)_i), in integers until the super-block's end. The 6-bit scales multiply the widened weights in 16 bits
  * (sc q <= 63 * 31), once for all vectors: at 4 vectors 1.1-1.15x faster than a 32-bit multiply of each
  * vector's sums, the same at 1. Sums stay exact int32: each lane adds 4 products per sub-block, |sc q a| <=
- * 63 * 31 * 32767, 8 sub-blocks: < 2^31; |sum(a)| <= 32 * 32767 per sub-block, times m <= 63. */
+ * 63 * 31 * 32639, 8 sub-blocks: < 2^31; |sum(a)| <= 32 * 32639 per sub-block, times m <= 63. */
 static inline __attribute__((always_inline)) void row_dot_q45k(int64_t kind, const uint8_t *row, const gale_xq *xq,
                                                                int64_t nb, const int N, float *out) {
     const int64_t bytes = BLOCK_BYTES[kind];
@@ -602,6 +705,11 @@ static void gemv_int(const gale_qmat *const *ws, float *const *ys, int count, co
         int64_t stride = row_bytes(w), nb = cols / BLOCK_ELEMS[w->kind];
         const gale_xq *q = xq + is_k(w->kind) * n;
         float *y = ys[i];
+        if ((w->kind == GALE_Q4_0 || w->kind == GALE_Q4_1) && n == 1 && w->rows % 8 == 0) {
+#pragma omp for schedule(static) nowait
+            for (int64_t r = 0; r < w->rows; r += 8) rows8_dot(w->kind, w->blocks + r * stride, stride, q, nb, y + r);
+            continue;
+        }
 #pragma omp for schedule(static) nowait
         for (int64_t r = 0; r < w->rows; r++)
             for (int64_t v = 0; v < n; v += XQ_VECTORS) {
