@@ -405,9 +405,9 @@ def test_prefetching_builds_give_the_same_products():
 
 def _beyond_avx2() -> bool:
     """Whether this CPU has instructions an AVX2-only build leaves out (AVX-512, AVX-VNNI)."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = set(text.split("\nflags", 1)[1].split("\n", 1)[0].split()) if "\nflags" in text else set()
-    return bool({"avx512f", "avx_vnni"} & flags)
+    from gale.quant import _cpu_name
+
+    return bool({"avx512f", "avx_vnni"} & set(_cpu_name().split()))
 
 
 @pytest.mark.skipif(not _beyond_avx2(), reason="this CPU's build is the AVX2-only one")
