@@ -120,6 +120,34 @@ def test_integer_sums_hold_at_the_largest_weights_and_activations(kind, n):
     torch.testing.assert_close(q(x).double(), x.double() @ w.double().T, rtol=1e-6, atol=0)
 
 
+def integer_products(lin: QuantLinear, x: torch.Tensor, dll=None) -> torch.Tensor:  # noqa: ANN001
+    """x W^T through the decode step's products: the integer path at any batch size (gale_gemv's fp32_batches
+    = 0), by this build's library or `dll`."""
+    import ctypes
+
+    y = torch.empty(x.shape[0], lin.out_features)
+    (dll or lin._lib).gale_gemv(ctypes.byref(lin.mat), x.data_ptr(), y.data_ptr(), x.shape[0], 0, 1)
+    return y
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rows", [96, 60])
+def test_decode_batches_take_the_integer_path_vector_by_vector(kind, rows):
+    """The decode step's batches (eight Q4_0 / Q4_1 rows at a time for up to four vectors per pass; 60 rows:
+    one row at a time) hold the single-vector bound, and each vector's products do not depend on its batch
+    (the eight-row kinds: bit for bit, the same integer sums and fp32 operations)."""
+    q, w = layer(kind, out_features=rows, seed=rows)
+    x = torch.randn(9, w.shape[1]) * torch.logspace(-2, 2, w.shape[1])
+    alone = torch.cat([integer_products(q, x[i:i + 1]) for i in range(9)])
+    for n in (2, 3, 4, 5, 9):
+        got = integer_products(q, x[:n])
+        assert (got.double() - x[:n].double() @ w.double().T).abs().le(single_vector_bound(x[:n], w, kind)).all()
+        if kind in ("Q4_0", "Q4_1") and rows % 8 == 0:
+            assert torch.equal(got, alone[:n])
+        else:
+            torch.testing.assert_close(got, alone[:n], rtol=1e-5, atol=1e-6 * got.abs().max().item())
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_single_vectors_hold_each_groups_largest_value_to_16_bits(kind):
     """Values spanning 12 decades, a zero group and a group below 1e-30 (zeros then, not garbage): errors stay
@@ -417,26 +445,25 @@ def test_avx2_builds_give_this_builds_products(kind, rows, tmp_path):
     """Eight Q4_0 rows at a time meet byte planes of the activations through VNNI's vpdpbusd, or through two
     AVX2 instructions without it, and gather their scales (vpmovdw, or a byte shuffle): an AVX2-only build must
     give the same products up to fp32 rounding, both within the integer path's bound of the fp32 product (60
-    rows: the last four one at a time)."""
+    rows: the last four one at a time), QuantLinear's and the decode step's batches alike."""
     import ctypes
 
-    from gale.quant import _QMat
-
     dll = variant_library(tmp_path, "-mno-avx512f", "-mno-avxvnni")
-    dll.gale_gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
+    dll.gale_gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     raw = blocks(kind, rows, 1024, seed=3)
     lin = QuantLinear.from_gguf(kind, raw, rows, 1024)
     w = torch.from_numpy(dequantize(raw, GGMLQuantizationType[kind]).reshape(rows, 1024).copy())
-    mat = _QMat(KINDS.index(kind), raw.ctypes.data, rows, 1024)
     for n in (1, 4, 9):
         x = torch.randn(n, 1024) * torch.logspace(-2, 2, 1024)
         avx2 = torch.empty(n, rows)
-        dll.gale_gemv(ctypes.byref(mat), x.data_ptr(), avx2.data_ptr(), n, 1)
+        dll.gale_gemv(ctypes.byref(lin.mat), x.data_ptr(), avx2.data_ptr(), n, 1, 1)
         this = lin(x)
-        torch.testing.assert_close(this, avx2, rtol=1e-5, atol=1e-6 * float((x.abs() @ w.abs().T).max()))
-        if n == 1 or kind in K_KINDS:
-            for got in (this, avx2):
-                assert (got.double() - x.double() @ w.double().T).abs().le(single_vector_bound(x, w, kind)).all()
+        pairs = [(this, avx2), (integer_products(lin, x), integer_products(lin, x, dll))]  # QuantLinear's, decode's
+        for i, (a, b) in enumerate(pairs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float((x.abs() @ w.abs().T).max()))
+            if n == 1 or kind in K_KINDS or i == 1:
+                for got in (a, b):
+                    assert (got.double() - x.double() @ w.double().T).abs().le(single_vector_bound(x, w, kind)).all()
 
 
 def test_library_key_names_the_cpus_features():

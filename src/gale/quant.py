@@ -76,7 +76,7 @@ def kernels() -> ctypes.CDLL | None:
             return None
     dll = ctypes.CDLL(str(lib))  # torch has loaded libgomp already: the kernels share its OpenMP threads
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    dll.gale_gemv.argtypes = [p, p, p, i64, i32]
+    dll.gale_gemv.argtypes = [p, p, p, i64, i32, i32]
     dll.gale_dequant.argtypes = [p, p, i64, p, i32]
     dll.gale_dequant_f16.argtypes = [p, i64, i64, p, i32]
     dll.gale_decode.argtypes = [p, p, p, p, i32, i64, i64, i64, p, p, p, p, p, i32]
@@ -218,7 +218,7 @@ class QuantLinear(nn.Module):
         if x.shape[0] > (GEMM_F16_MIN_VECTORS if dtype == torch.float16 else GEMM_MIN_VECTORS):
             return self._gemm(x, dtype)
         y = torch.empty(x.shape[0], self.out_features)
-        self._lib.gale_gemv(self._mat, x.data_ptr(), y.data_ptr(), x.shape[0], torch.get_num_threads())
+        self._lib.gale_gemv(self._mat, x.data_ptr(), y.data_ptr(), x.shape[0], 1, torch.get_num_threads())
         return y
 
     def _gemm(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -424,10 +424,16 @@ static inline __m128i low_halves(__m256i v) {
 #endif
 }
 
-/* Eight consecutive rows of Q4_0 or Q4_1 (row r at row0 + r stride) against one vector: out[r] = row r . x. One row at a
- * time pays, per block of 32 weights, a scale conversion, a broadcast, an fp32 conversion and an FMA besides
- * the products; here int32 lane r of every vector is row r, so those run once for eight rows (the scales
- * gathered), and each activation dword is broadcast to the eight rows' products.
+/* Vectors per pass of rows8_q4: 4 fills AVX-512's 32 registers (2 N integer accumulators, N fp32 ones, the
+ * transposed weights); on AVX2's 16 it spills and is still 1.10-1.15x faster than 2 (Intel, -mno-avx512f). */
+#define ROWS8_VECTORS 4
+
+/* Eight consecutive rows of Q4_0 or Q4_1 (row r at row0 + r stride) against N vectors (N <= ROWS8_VECTORS, a
+ * compile-time constant at each call): out[v * out_stride + r] = row r . x[v]. One row at a time pays, per
+ * block of 32 weights, a scale conversion, a broadcast, an fp32 conversion and an FMA besides the products;
+ * here int32 lane r of every vector is row r, so those run once for eight rows (the scales gathered), and
+ * each activation dword is broadcast to the eight rows' products. The transposition is shared by the N
+ * vectors.
  *
  * Per block b the rows' 16 quant bytes are transposed in 4-byte groups: T[k] lane r = row r's bytes 4k..4k+3,
  * whose low nibbles are columns 4k..4k+3 and high nibbles columns 16 + 4k..16 + 4k + 3. Example, row 5, k = 1:
@@ -436,11 +442,13 @@ static inline __m128i low_halves(__m256i v) {
  * (q - 8) . a = 256 (q . h) + (q . l) - 8 sum(a), exact in int32 as in the other paths (Q4_1: q . a, its
  * offsets m gathered with d, the dword's high half, times s sum(a)). */
 static inline __attribute__((always_inline)) void rows8_q4(int64_t kind, const uint8_t *row0, int64_t stride,
-                                                           const gale_xq *xq, int64_t nb, float *out) {
+                                                           const gale_xq *xq, int64_t nb, const int N, float *out,
+                                                           int64_t out_stride) {
     const int64_t bytes = BLOCK_BYTES[kind];
     const __m256i nibble = _mm256_set1_epi8(0x0f), z = _mm256_setzero_si256();
     const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)stride));
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[ROWS8_VECTORS];
+    for (int v = 0; v < N; v++) acc[v] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row0 + bytes * b, *q = block_qs(kind, blk);
         if ((b & 3) == 0)
@@ -453,30 +461,45 @@ static inline __attribute__((always_inline)) void rows8_q4(int64_t kind, const u
         __m256i t2 = _mm256_unpacklo_epi32(y2, y3), t3 = _mm256_unpackhi_epi32(y2, y3);
         __m256i T[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2), _mm256_unpacklo_epi64(t1, t3),
                         _mm256_unpackhi_epi64(t1, t3)};
-        const int8_t *h = xq->h + 32 * b, *l = xq->l + 32 * b;
-        __m256i ph0 = z, ph1 = z, pl0 = kind == GALE_Q4_0 ? _mm256_set1_epi32(xq->minus8[8 * b]) : z, pl1 = z;
+        __m256i ph[ROWS8_VECTORS], pl[ROWS8_VECTORS];
+        for (int v = 0; v < N; v++) ph[v] = z, pl[v] = kind == GALE_Q4_0 ? _mm256_set1_epi32(xq[v].minus8[8 * b]) : z;
         for (int k = 0; k < 4; k++) {
-            int32_t h0, h1, l0, l1;
-            memcpy(&h0, h + 4 * k, 4), memcpy(&h1, h + 16 + 4 * k, 4), memcpy(&l0, l + 4 * k, 4), memcpy(&l1, l + 16 + 4 * k, 4);
             __m256i lo = _mm256_and_si256(T[k], nibble), hi = _mm256_and_si256(_mm256_srli_epi16(T[k], 4), nibble);
-            ph0 = DPBUSD(ph0, lo, _mm256_set1_epi32(h0));
-            ph1 = DPBUSD(ph1, hi, _mm256_set1_epi32(h1));
-            pl0 = DPBUSD(pl0, lo, _mm256_set1_epi32(l0));
-            pl1 = DPBUSD(pl1, hi, _mm256_set1_epi32(l1));
+            for (int v = 0; v < N; v++) {
+                const int8_t *h = xq[v].h + 32 * b + 4 * k, *l = xq[v].l + 32 * b + 4 * k;
+                int32_t h0, h1, l0, l1;
+                memcpy(&h0, h, 4), memcpy(&h1, h + 16, 4), memcpy(&l0, l, 4), memcpy(&l1, l + 16, 4);
+                ph[v] = DPBUSD(DPBUSD(ph[v], lo, _mm256_set1_epi32(h0)), hi, _mm256_set1_epi32(h1));
+                pl[v] = DPBUSD(DPBUSD(pl[v], lo, _mm256_set1_epi32(l0)), hi, _mm256_set1_epi32(l1));
+            }
         }
-        __m256i p = _mm256_add_epi32(_mm256_slli_epi32(_mm256_add_epi32(ph0, ph1), 8), _mm256_add_epi32(pl0, pl1));
         __m256i dm = _mm256_i32gather_epi32((const int *)blk, offsets, 1); /* d | m << 16 */
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(_mm256_cvtph_ps(low_halves(dm)),
-                                                                 _mm256_set1_ps(xq->scale[b])), acc);
-        if (kind == GALE_Q4_1)
-            acc = _mm256_fmadd_ps(_mm256_cvtph_ps(low_halves(_mm256_srli_epi32(dm, 16))), _mm256_set1_ps(xq->sum[b]), acc);
+        __m256 d = _mm256_cvtph_ps(low_halves(dm));
+        __m256 m = kind == GALE_Q4_1 ? _mm256_cvtph_ps(low_halves(_mm256_srli_epi32(dm, 16))) : _mm256_setzero_ps();
+        for (int v = 0; v < N; v++) {
+            __m256i p = _mm256_add_epi32(_mm256_slli_epi32(ph[v], 8), pl[v]);
+            acc[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(d, _mm256_set1_ps(xq[v].scale[b])), acc[v]);
+            if (kind == GALE_Q4_1) acc[v] = _mm256_fmadd_ps(m, _mm256_set1_ps(xq[v].sum[b]), acc[v]);
+        }
     }
-    _mm256_storeu_ps(out, acc);
+    for (int v = 0; v < N; v++) _mm256_storeu_ps(out + v * out_stride, acc[v]);
 }
 
-static void rows8_dot(int64_t kind, const uint8_t *row0, int64_t stride, const gale_xq *xq, int64_t nb, float *out) {
-    if (kind == GALE_Q4_0) rows8_q4(GALE_Q4_0, row0, stride, xq, nb, out);
-    else rows8_q4(GALE_Q4_1, row0, stride, xq, nb, out);
+/* rows8_q4 for n <= ROWS8_VECTORS vectors, each (kind, n) its own unrolled copy. */
+static void rows8_dot(int64_t kind, const uint8_t *row0, int64_t stride, const gale_xq *xq, int64_t nb, int64_t n,
+                      float *out, int64_t out_stride) {
+#define ROWS8_CASE(N) \
+    case N: \
+        if (kind == GALE_Q4_0) rows8_q4(GALE_Q4_0, row0, stride, xq, nb, N, out, out_stride); \
+        else rows8_q4(GALE_Q4_1, row0, stride, xq, nb, N, out, out_stride); \
+        return;
+    switch (n) {
+        ROWS8_CASE(1)
+        ROWS8_CASE(2)
+        ROWS8_CASE(3)
+        ROWS8_CASE(4)
+    }
+#undef ROWS8_CASE
 }
 
 /* One row of Q4_K / Q5_K for N vectors: per super-block s * (d * sum_i ((sc_i q) . a)_i - dmin * sum_i m_i
@@ -705,9 +728,12 @@ static void gemv_int(const gale_qmat *const *ws, float *const *ys, int count, co
         int64_t stride = row_bytes(w), nb = cols / BLOCK_ELEMS[w->kind];
         const gale_xq *q = xq + is_k(w->kind) * n;
         float *y = ys[i];
-        if ((w->kind == GALE_Q4_0 || w->kind == GALE_Q4_1) && n == 1 && w->rows % 8 == 0) {
+        if ((w->kind == GALE_Q4_0 || w->kind == GALE_Q4_1) && w->rows % 8 == 0) {
 #pragma omp for schedule(static) nowait
-            for (int64_t r = 0; r < w->rows; r += 8) rows8_dot(w->kind, w->blocks + r * stride, stride, q, nb, y + r);
+            for (int64_t r = 0; r < w->rows; r += 8)
+                for (int64_t v = 0; v < n; v += ROWS8_VECTORS)
+                    rows8_dot(w->kind, w->blocks + r * stride, stride, q + v,
+                              nb, n - v < ROWS8_VECTORS ? n - v : ROWS8_VECTORS, y + v * w->rows + r, w->rows);
             continue;
         }
 #pragma omp for schedule(static) nowait
@@ -750,9 +776,10 @@ static void gemv_shared(const gale_qmat *const *ws, float *const *ys, int count,
                       threads);
 }
 
-/* y = x W^T for n vectors x [n, cols] -> y [n, rows] (QuantLinear's product). */
-void gale_gemv(const gale_qmat *w, const float *x, float *y, int64_t n, int threads) {
-    gemv_shared(&w, &y, 1, x, n, 1, threads);
+/* y = x W^T for n vectors x [n, cols] -> y [n, rows]: QuantLinear's product (fp32_batches = 1), or the decode
+ * step's (0: the integer path at any batch size, as gale_decode multiplies). */
+void gale_gemv(const gale_qmat *w, const float *x, float *y, int64_t n, int fp32_batches, int threads) {
+    gemv_shared(&w, &y, 1, x, n, fp32_batches, threads);
 }
 
 /* fp32 rows of W: all of them (index NULL, n = rows) or rows index[0..n) (embedding lookups). */
