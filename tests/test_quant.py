@@ -120,7 +120,7 @@ def test_integer_sums_hold_at_the_largest_weights_and_activations(kind, n):
     torch.testing.assert_close(q(x).double(), x.double() @ w.double().T, rtol=1e-6, atol=0)
 
 
-def integer_products(lin: QuantLinear, x: torch.Tensor, dll=None) -> torch.Tensor:  # noqa: ANN001
+def integer_products(lin: QuantLinear, x: torch.Tensor, dll=None) -> torch.Tensor:
     """x W^T through the decode step's products: the integer path at any batch size (gale_gemv's fp32_batches
     = 0), by this build's library or `dll`."""
     import ctypes
