@@ -27,9 +27,12 @@
  * instructions do the same (vpmaddubsw's pair sums stay below int16's limit for 4-bit weights). */
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define DPBUSD _mm256_dpbusd_epi32
+#define GALE_VNNI 1
 #elif defined(__AVXVNNI__)
 #define DPBUSD _mm256_dpbusd_avx_epi32
+#define GALE_VNNI 1
 #else
+#define GALE_VNNI 0
 #define DPBUSD(acc, u, s) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
 #endif
 #endif
@@ -236,7 +239,7 @@ static inline void unpack_q8(const int8_t *q, __m256 w[4]) {
  * Each group of x (32 columns for the 32-wide kinds, 256 for the super-block kinds, matching the weights'
  * scales) is written as x = s * a with int16 a = round(x / s) in [-32639, 32639] (s = max|x| / 32639: 16
  * bits, error <= 2^-16 of the group's largest value; 32639 = 127 * 257, so a = 256 h + l with h and l signed
- * bytes: the planes of rows8_q4). The weights' 4-8 bit integers are widened to int16 in
+ * bytes: the planes of the eight-row kernels). The weights' 4-8 bit integers are widened to int16 in
  * registers (one byte unpack) and meet a in vpmaddwd, exact int32 sums of pairs: two multiplies per 32
  * weights, and the blocks' scales apply once per 32 (Q6_K: 16) columns in fp32. llama.cpp rounds
  * activations to 8 bits instead, which derails small models; 16 bits keep their answers
@@ -248,7 +251,7 @@ static inline void unpack_q8(const int8_t *q, __m256 w[4]) {
  * product's int32 lanes 0-3 then sum columns 0-15 and lanes 4-7 columns 16-31 (Q6_K's two scales). */
 typedef struct {
     int16_t *a;        /* [cols], each 32 columns in unpack order */
-    int8_t *h, *l;     /* [cols]: a = 256 h + l, column order (32-wide groups only: rows8_q4) */
+    int8_t *h, *l;     /* [cols]: a = 256 h + l, column order (the eight-row kernels) */
     float *scale;      /* [groups]: s */
     float *sum;        /* [cols / 32]: s * sum(a) of each 32 columns, what Q4_1's offsets multiply (32-wide) */
     int32_t *sum16;    /* [cols / 16]: sum(a) of each 16 columns (Q6_K's -32) */
@@ -347,8 +350,8 @@ static void xq_quantize(const float *x, int64_t cols, int64_t group, gale_xq *xq
             xq->sum16[i16] = hsum_i32(_mm256_add_epi32(a[0], a[1]));
             xq->sum16[i16 + 1] = hsum_i32(_mm256_add_epi32(a[2], a[3]));
             xq->sum32[i16 / 2] = xq->sum16[i16] + xq->sum16[i16 + 1];
-            if (group == 32) { /* the 32-wide kinds' planes and offsets */
-                store_planes(a, xq, g * group + c);
+            store_planes(a, xq, g * group + c);
+            if (group == 32) { /* the 32-wide kinds' offsets */
                 xq->minus8[8 * (i16 / 2)] = -8 * xq->sum32[i16 / 2];
                 xq->sum[i16 / 2] = s * (float)xq->sum32[i16 / 2];
             }
@@ -424,6 +427,25 @@ static inline __m128i low_halves(__m256i v) {
 #endif
 }
 
+/* 16 bytes at p + r stride (r = 0..7) transposed in 4-byte groups: T[k] lane r = row r's bytes 4k..4k+3, from
+ * rows r and r + 4 as the halves of one 256-bit vector and eight unpacks. */
+static inline void transpose_rows8_16(const uint8_t *p, int64_t stride, __m256i T[4]) {
+#define ROWS_PAIR(lo, hi) _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(p + (hi) * stride)), \
+                                           _mm_loadu_si128((const __m128i *)(p + (lo) * stride)))
+    __m256i y0 = ROWS_PAIR(0, 4), y1 = ROWS_PAIR(1, 5), y2 = ROWS_PAIR(2, 6), y3 = ROWS_PAIR(3, 7);
+#undef ROWS_PAIR
+    __m256i t0 = _mm256_unpacklo_epi32(y0, y1), t1 = _mm256_unpackhi_epi32(y0, y1);
+    __m256i t2 = _mm256_unpacklo_epi32(y2, y3), t3 = _mm256_unpackhi_epi32(y2, y3);
+    T[0] = _mm256_unpacklo_epi64(t0, t2), T[1] = _mm256_unpackhi_epi64(t0, t2);
+    T[2] = _mm256_unpacklo_epi64(t1, t3), T[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+/* The same for 32 bytes: T[0..7]. */
+static inline void transpose_rows8(const uint8_t *p, int64_t stride, __m256i T[8]) {
+    transpose_rows8_16(p, stride, T);
+    transpose_rows8_16(p + 16, stride, T + 4);
+}
+
 /* Vectors per pass of rows8_q4: 4 fills AVX-512's 32 registers (2 N integer accumulators, N fp32 ones, the
  * transposed weights); on AVX2's 16 it spills and is still 1.10-1.15x faster than 2 (Intel, -mno-avx512f). */
 #define ROWS8_VECTORS 4
@@ -453,14 +475,8 @@ static inline __attribute__((always_inline)) void rows8_q4(int64_t kind, const u
         const uint8_t *blk = row0 + bytes * b, *q = block_qs(kind, blk);
         if ((b & 3) == 0)
             for (int r = 0; r < 8; r++) prefetch_ahead(blk + r * stride, 2);
-#define Q4_ROWS(lo, hi) _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(q + (hi) * stride)), \
-                                         _mm_loadu_si128((const __m128i *)(q + (lo) * stride)))
-        __m256i y0 = Q4_ROWS(0, 4), y1 = Q4_ROWS(1, 5), y2 = Q4_ROWS(2, 6), y3 = Q4_ROWS(3, 7);
-#undef Q4_ROWS
-        __m256i t0 = _mm256_unpacklo_epi32(y0, y1), t1 = _mm256_unpackhi_epi32(y0, y1);
-        __m256i t2 = _mm256_unpacklo_epi32(y2, y3), t3 = _mm256_unpackhi_epi32(y2, y3);
-        __m256i T[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2), _mm256_unpacklo_epi64(t1, t3),
-                        _mm256_unpackhi_epi64(t1, t3)};
+        __m256i T[4];
+        transpose_rows8_16(q, stride, T);
         __m256i ph[ROWS8_VECTORS], pl[ROWS8_VECTORS];
         for (int v = 0; v < N; v++) ph[v] = z, pl[v] = kind == GALE_Q4_0 ? _mm256_set1_epi32(xq[v].minus8[8 * b]) : z;
         for (int k = 0; k < 4; k++) {
@@ -485,13 +501,117 @@ static inline __attribute__((always_inline)) void rows8_q4(int64_t kind, const u
     for (int v = 0; v < N; v++) _mm256_storeu_ps(out + v * out_stride, acc[v]);
 }
 
-/* rows8_q4 for n <= ROWS8_VECTORS vectors, each (kind, n) its own unrolled copy. */
+/* k_scales_mins_packed for eight rows at once: lane r of S[i] is dword i of row r's 12 scale bytes, lane r of
+ * out[i] dword i of row r's unpacked scales (out[0], out[1]: sc 0-3, 4-7) and minimums (out[2], out[3]). */
+static inline void k_scales_mins_rows8(const __m256i S[3], __m256i out[4]) {
+    const __m256i low6 = _mm256_set1_epi32(0x3f3f3f3f), low4 = _mm256_set1_epi32(0x0f0f0f0f),
+                  top2 = _mm256_set1_epi32(0x30303030); /* (x >> 6 & 3) << 4 = x >> 2 & 0x30 per byte */
+    out[0] = _mm256_and_si256(S[0], low6);
+    out[1] = _mm256_or_si256(_mm256_and_si256(S[2], low4), _mm256_and_si256(_mm256_srli_epi32(S[0], 2), top2));
+    out[2] = _mm256_and_si256(S[1], low6);
+    out[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(S[2], 4), low4),
+                             _mm256_and_si256(_mm256_srli_epi32(S[1], 2), top2));
+}
+
+/* Byte i (0-3) of each int32 lane, as an int32. */
+static inline __m256i lane_byte(__m256i v, const int i) {
+    return i == 3 ? _mm256_srli_epi32(v, 24) : _mm256_and_si256(_mm256_srli_epi32(v, 8 * i), _mm256_set1_epi32(0xff));
+}
+
+/* Bit `bit` of each byte of v moved to bit 4 (16-bit shifts: the mask keeps what stayed in its own byte). */
+static inline __m256i bit_to_4(__m256i v, const int bit) {
+    __m256i moved = bit <= 4 ? _mm256_slli_epi16(v, 4 - bit) : _mm256_srli_epi16(v, bit - 4);
+    return _mm256_and_si256(moved, _mm256_set1_epi8(0x10));
+}
+
+/* Eight consecutive rows of Q4_K or Q5_K against N vectors, as rows8_q4 does Q4_0: out[v * out_stride + r] =
+ * row r . x[v]. Per super-block, the rows' d | dmin and their 12 scale bytes come in four gathers and are
+ * unpacked lane by lane (lane r: row r's sub-block scales sc_i and minimums m_i); per 64 columns j the rows'
+ * 32 quant bytes are transposed in 4-byte groups (T[k] lane r = row r's bytes 4k..4k+3 of qs[32 j ..]), whose
+ * low nibbles are sub-block 2j's columns 4k..4k+3 and high nibbles sub-block 2j+1's (Q5_K: bits 2j, 2j + 1 of
+ * the same transposed qh bytes are their fifth bits). Example: row 2, j = 1, k = 5: T[5] lane 2 low nibbles =
+ * W[2, 256 b + 64 + 20..23], meeting the planes' columns 64 + 20..23 of the group. Per sub-block each lane
+ * holds q . a = 256 (q . h) + (q . l) exactly (|.| < 2^24 with q <= 31, so its fp32 conversion is exact);
+ * sc_i (q . a)_i accumulates in fp32 over the eight sub-blocks, and m_i sum(a)_i in int32 (< 2^31, as in
+ * row_dot_q45k); the super-block adds s (d sum - dmin msum). */
+static inline __attribute__((always_inline)) void rows8_q45k(int64_t kind, const uint8_t *row0, int64_t stride,
+                                                             const gale_xq *xq, int64_t nb, const int N, float *out,
+                                                             int64_t out_stride) {
+    const int64_t bytes = BLOCK_BYTES[kind], qs_at = kind == GALE_Q5_K ? 48 : 16;
+    const __m256i nibble = _mm256_set1_epi8(0x0f), z = _mm256_setzero_si256();
+    const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)stride));
+    __m256 acc[ROWS8_VECTORS];
+    for (int v = 0; v < N; v++) acc[v] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row0 + bytes * b;
+        for (int r = 0; r < 8; r++) prefetch_ahead(blk + r * stride, 3); /* 144 or 176 bytes */
+        __m256i dm = _mm256_i32gather_epi32((const int *)blk, offsets, 1); /* d | dmin << 16 */
+        __m256i S[3], sm[4], QH[8];
+        for (int i = 0; i < 3; i++) S[i] = _mm256_i32gather_epi32((const int *)(blk + 4 + 4 * i), offsets, 1);
+        k_scales_mins_rows8(S, sm);
+        if (kind == GALE_Q5_K) transpose_rows8(blk + 16, stride, QH);
+        __m256 t[ROWS8_VECTORS]; /* sum_i sc_i (q . a)_i */
+        for (int v = 0; v < N; v++) t[v] = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            __m256i T[8];
+            transpose_rows8(blk + qs_at + 32 * j, stride, T);
+            __m256i he[ROWS8_VECTORS], le[ROWS8_VECTORS], ho[ROWS8_VECTORS], lo[ROWS8_VECTORS];
+            for (int v = 0; v < N; v++) he[v] = le[v] = ho[v] = lo[v] = z;
+            for (int k = 0; k < 8; k++) {
+                __m256i even = _mm256_and_si256(T[k], nibble), odd = _mm256_and_si256(_mm256_srli_epi16(T[k], 4), nibble);
+                if (kind == GALE_Q5_K) {
+                    even = _mm256_or_si256(even, bit_to_4(QH[k], 2 * j));
+                    odd = _mm256_or_si256(odd, bit_to_4(QH[k], 2 * j + 1));
+                }
+                for (int v = 0; v < N; v++) {
+                    const int8_t *h = xq[v].h + 256 * b + 64 * j + 4 * k, *l = xq[v].l + 256 * b + 64 * j + 4 * k;
+                    int32_t h0, h1, l0, l1;
+                    memcpy(&h0, h, 4), memcpy(&h1, h + 32, 4), memcpy(&l0, l, 4), memcpy(&l1, l + 32, 4);
+                    he[v] = DPBUSD(he[v], even, _mm256_set1_epi32(h0));
+                    ho[v] = DPBUSD(ho[v], odd, _mm256_set1_epi32(h1));
+                    le[v] = DPBUSD(le[v], even, _mm256_set1_epi32(l0));
+                    lo[v] = DPBUSD(lo[v], odd, _mm256_set1_epi32(l1));
+                }
+            }
+            /* sub-blocks 2j, 2j + 1: bytes (2j) % 4, (2j + 1) % 4 of scale dword j / 2 */
+            __m256 sc0 = _mm256_cvtepi32_ps(lane_byte(sm[j / 2], (2 * j) % 4));
+            __m256 sc1 = _mm256_cvtepi32_ps(lane_byte(sm[j / 2], (2 * j + 1) % 4));
+            for (int v = 0; v < N; v++) {
+                __m256i p0 = _mm256_add_epi32(_mm256_slli_epi32(he[v], 8), le[v]);
+                __m256i p1 = _mm256_add_epi32(_mm256_slli_epi32(ho[v], 8), lo[v]);
+                t[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), sc0, t[v]);
+                t[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), sc1, t[v]);
+            }
+        }
+        __m256 d = _mm256_cvtph_ps(low_halves(dm)), dmin = _mm256_cvtph_ps(low_halves(_mm256_srli_epi32(dm, 16)));
+        for (int v = 0; v < N; v++) {
+            const int32_t *s32 = xq[v].sum32 + 8 * b;
+            __m256i msum = z;
+            for (int i = 0; i < 8; i++)
+                msum = _mm256_add_epi32(msum, _mm256_mullo_epi32(lane_byte(sm[2 + i / 4], i % 4), _mm256_set1_epi32(s32[i])));
+            __m256 tv = _mm256_fmsub_ps(t[v], d, _mm256_mul_ps(_mm256_cvtepi32_ps(msum), dmin));
+            acc[v] = _mm256_fmadd_ps(tv, _mm256_set1_ps(xq[v].scale[b]), acc[v]);
+        }
+    }
+    for (int v = 0; v < N; v++) _mm256_storeu_ps(out + v * out_stride, acc[v]);
+}
+
+/* The eight-row kernels (rows8_kind) for n <= ROWS8_VECTORS vectors, each (kind, n) its own unrolled copy. */
+/* Kinds multiplied eight rows at a time. Q4_K / Q5_K only with VNNI: without it (vpdpbusd as two AVX2
+ * instructions) rows8_q45k ran 0.96-1.09x the per-row kernel at one vector and 0.71-0.78x at four (Intel,
+ * -mno-avx512f -mno-avxvnni), where Q4_0's eight rows still gain. */
+static inline int rows8_kind(int64_t kind) {
+    return kind == GALE_Q4_0 || kind == GALE_Q4_1 || (GALE_VNNI && (kind == GALE_Q4_K || kind == GALE_Q5_K));
+}
+
 static void rows8_dot(int64_t kind, const uint8_t *row0, int64_t stride, const gale_xq *xq, int64_t nb, int64_t n,
                       float *out, int64_t out_stride) {
 #define ROWS8_CASE(N) \
     case N: \
         if (kind == GALE_Q4_0) rows8_q4(GALE_Q4_0, row0, stride, xq, nb, N, out, out_stride); \
-        else rows8_q4(GALE_Q4_1, row0, stride, xq, nb, N, out, out_stride); \
+        else if (kind == GALE_Q4_1) rows8_q4(GALE_Q4_1, row0, stride, xq, nb, N, out, out_stride); \
+        else if (kind == GALE_Q4_K) rows8_q45k(GALE_Q4_K, row0, stride, xq, nb, N, out, out_stride); \
+        else rows8_q45k(GALE_Q5_K, row0, stride, xq, nb, N, out, out_stride); \
         return;
     switch (n) {
         ROWS8_CASE(1)
@@ -728,7 +848,7 @@ static void gemv_int(const gale_qmat *const *ws, float *const *ys, int count, co
         int64_t stride = row_bytes(w), nb = cols / BLOCK_ELEMS[w->kind];
         const gale_xq *q = xq + is_k(w->kind) * n;
         float *y = ys[i];
-        if ((w->kind == GALE_Q4_0 || w->kind == GALE_Q4_1) && w->rows % 8 == 0) {
+        if (rows8_kind(w->kind) && w->rows % 8 == 0) {
 #pragma omp for schedule(static) nowait
             for (int64_t r = 0; r < w->rows; r += 8)
                 for (int64_t v = 0; v < n; v += ROWS8_VECTORS)
