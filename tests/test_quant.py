@@ -18,6 +18,7 @@ from gale.config import ModelArgs
 from gale.model import Transformer
 from gale.quant import (
     GEMM_F16_MIN_VECTORS,
+    GEMM_INT16_MIN_VECTORS,
     GEMM_MIN_VECTORS,
     GEMV_MAX_VECTORS,
     KINDS,
@@ -26,6 +27,7 @@ from gale.quant import (
     QuantEmbedding,
     QuantLinear,
     build_flags,
+    exact_gemms,
     gemm_dtype,
     kernels,
 )
@@ -227,14 +229,30 @@ def test_quality_gate_single_vector_integer_path_on_real_text(smollm2_path, smol
     assert (fast - ref).abs().max() < 0.05
 
 
-@pytest.fixture
-def fp16_gemm(monkeypatch):
-    """Prefill GEMMs in fp16, as on AMX CPUs by default (the suite pins fp32: conftest.py)."""
-    monkeypatch.setenv("GALE_GEMM", "fp16")
+def gemm_in(monkeypatch, name: str):
+    """Prefill GEMMs in `name` (the suite pins fp32: conftest.py)."""
+    monkeypatch.setenv("GALE_GEMM", name)
     gemm_dtype.cache_clear()
-    assert gemm_dtype() == torch.float16
     yield
     gemm_dtype.cache_clear()
+
+
+@pytest.fixture
+def fp16_gemm(monkeypatch):
+    """fp16 prefill GEMMs, AMX-FP16 CPUs' default."""
+    yield from gemm_in(monkeypatch, "fp16")
+
+
+@pytest.fixture
+def int16_gemm(monkeypatch):
+    """16-bit integer planes through int8 GEMMs, other AMX CPUs' default."""
+    yield from gemm_in(monkeypatch, "int16")
+
+
+@pytest.fixture(params=["fp16", "int16"])
+def fast_gemm(request, monkeypatch):
+    """Each faster-than-fp32 prefill GEMM in turn: the quality gates hold for both."""
+    yield from gemm_in(monkeypatch, request.param)
 
 
 def test_gemm_dtype_is_chosen_or_refused(monkeypatch):
@@ -244,7 +262,8 @@ def test_gemm_dtype_is_chosen_or_refused(monkeypatch):
         gemm_dtype()
     monkeypatch.delenv("GALE_GEMM")
     gemm_dtype.cache_clear()
-    assert gemm_dtype() == (torch.float16 if torch.cpu._is_amx_fp16_supported() else torch.float32)
+    amx_fp16, amx = torch.cpu._is_amx_fp16_supported(), torch.cpu._is_amx_tile_supported()
+    assert gemm_dtype() == (torch.float16 if amx_fp16 else torch.int16 if amx else torch.float32)
     gemm_dtype.cache_clear()
 
 
@@ -335,16 +354,106 @@ def test_fp16_gemm_recomputes_what_fp16_cannot_hold_in_fp32(fp16_gemm):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+HALF_STEP = 0.5 + 32639 * 2**-22  # half a step, plus fp32's rounding of v times 1 / scale (~0.004 of a step)
+
+
+def check_planes(v: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> None:
+    """hi, lo [n, k] int8 and scale [n] hold each row of v as 16-bit integers of its largest value: a = 256 hi +
+    lo within half a step of v / scale, scale = max |v| / 32639, hi in [-127, 127]."""
+    top = v.abs().amax(1)
+    torch.testing.assert_close(scale, torch.where(top >= 1e-30, top / 32639, 0.0), rtol=1e-6, atol=0)
+    a = hi.int() * 256 + lo.int()
+    assert a.abs().max() <= 32639 and hi.abs().max() <= 127
+    assert ((a.double() * scale[:, None].double() - v.double()).abs()
+            <= scale[:, None].double() * HALF_STEP).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_int16_planes_hold_each_rows_largest_value_to_16_bits(kind):
+    """Weight rows (gale_dequant_planes: [h | l]) and activation rows (gale_planes: [l | h]) as 16-bit integers
+    of their largest value in two byte planes: within half a step (2^-16 of the largest) of the fp32 values; a
+    zero row zeros, a row holding inf or NaN a NaN scale."""
+    import ctypes
+
+    q, w = layer(kind, 40, 1024)
+    pw, sw = q.dequantized_planes()
+    check_planes(w, pw[:, :1024], pw[:, 1024:], sw)
+    assert torch.equal(q.dequantized_planes(5, 7)[0], pw[5:12])
+    with pytest.raises(IndexError, match="out of range"):
+        q.dequantized_planes(39, 2)
+    x = torch.randn(5, 1000) * torch.logspace(-3, 3, 1000)  # 1000: the vector loop's scalar end too
+    x[1] = 0
+    x[2, 7], x[3, 9], x[4, 999] = float("inf"), float("nan"), float("nan")
+    px, sx = torch.empty(5, 2000, dtype=torch.int8), torch.empty(5)
+    q._lib.gale_planes(ctypes.c_void_p(x.data_ptr()), 5, 1000, ctypes.c_void_p(px.data_ptr()),
+                       ctypes.c_void_p(sx.data_ptr()), 1)
+    check_planes(x[:2], px[:2, 1000:], px[:2, :1000], sx[:2])
+    assert not px[1].any() and sx[2:].isnan().all()
+
+
+def test_int16_planes_of_portable_builds_are_this_builds(tmp_path):
+    """Without AVX-512 the planes come from scalar loops (rintf, ties to even, as vcvtps2dq): the same bytes."""
+    import ctypes
+
+    from gale.quant import _QMat
+
+    dll = variant_library(tmp_path, "-mno-avx512f")
+    dll.gale_dequant_planes.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                        ctypes.c_void_p, ctypes.c_int]
+    for kind in KINDS:
+        raw = blocks(kind, 24, 512, seed=5)
+        pw, sw = QuantLinear.from_gguf(kind, raw, 24, 512).dequantized_planes()
+        got, scale = torch.empty(24, 1024, dtype=torch.int8), torch.empty(24)
+        mat = _QMat(KINDS.index(kind), raw.ctypes.data, 24, 512)
+        dll.gale_dequant_planes(ctypes.byref(mat), 0, 24, got.data_ptr(), scale.data_ptr(), 1)
+        assert torch.equal(got, pw) and torch.equal(scale, sw)
+
+
+def int16_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What the int16 GEMM guarantees: x and w within half a step of their rows' 16-bit integers (HALF_STEP sx,
+    HALF_STEP sw per element), the low planes' product left out (|lx . lw| <= k 128^2 sx sw), int32 sums
+    exact, then a few fp32 roundings."""
+    k = x.shape[1]
+    ax, aw = x.double().abs(), w.double().abs()
+    sx, sw = ax.amax(1, keepdim=True) / 32639, aw.amax(1, keepdim=True) / 32639
+    ex, ew = sx * HALF_STEP, sw * HALF_STEP
+    rounding = ax.sum(1, keepdim=True) @ ew.T + ex @ aw.sum(1, keepdim=True).T + k * ex @ ew.T
+    return rounding + k * 128**2 * sx @ sw.T + 1e-6 * (ax @ aw.T)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("more", [1, 40])
+def test_int16_gemm_products_hold_its_bound(kind, more, int16_gemm):
+    n = GEMM_INT16_MIN_VECTORS[kind] + more  # fewer vectors take the kernels
+    q, w = layer(kind, 300, 1024)
+    x = torch.randn(n, 1024) * torch.logspace(-2, 2, 1024)
+    ref = x.double() @ w.double().T
+    err = (q(x).double() - ref).abs()
+    assert err.le(int16_bound(x, w)).all()
+    assert err.max() > 1e-6 * ref.abs().max()  # it is that path (the fp32 one is closer)
+
+
+def test_int16_gemm_recomputes_non_finite_inputs_in_fp32(int16_gemm):
+    q, w = layer("Q4_0", 300, 1024)
+    x = torch.randn(GEMM_MIN_VECTORS + 1, 1024)
+    x[7, 3] = float("inf")
+    got = q(x)
+    with exact_gemms():
+        ref = q(x)
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.nan_to_num(), ref.nan_to_num())
+
+
 BICYCLE = (Path(__file__).parent / "data" / "text" / "bicycle.txt").read_text()
 
 
-def test_quality_gate_fp16_prefill_on_real_text(smollm2_path, smollm2_llm, fp16_gemm):
-    """The quality gate of prefill's fp16 GEMM (AMX CPUs' default): two real passages (132 and 600 tokens)
-    prefilled in one pass each, against the dequantized fp32 model. Measured on a 2-core AMX Xeon: perplexity
-    -0.036% and +0.024%, top-1 agreement 100% and 99.5%, largest logit differences 0.142 and 0.090 (logits
-    span +-30). bf16 GEMMs, as fast there, gave 96.5% top-1 agreement and 0.90 on a 1024-token text, mostly from
-    rounding each product's sum to 8 bits. Gate: perplexity within 0.1%, top-1 agreement >= 99%, logits within
-    0.2."""
+def test_quality_gate_fast_prefill_gemms_on_real_text(smollm2_path, smollm2_llm, fast_gemm):
+    """The quality gate of prefill's fp16 GEMM (AMX-FP16 CPUs' default) and its int16 one (other AMX CPUs'): two
+    real passages (132 and 600 tokens) prefilled in one pass each, against the dequantized fp32 model. Measured
+    on a 2-core AMX Xeon: fp16 perplexity -0.036% and +0.024%, top-1 agreement 100% and 99.5%, largest logit
+    differences 0.142 and 0.090 (logits span +-30); int16 (another AMX Xeon, without AMX-FP16) -0.033% and
+    +0.010%, 100% and 99.67%, 0.067 and 0.077. bf16 GEMMs, as fast there, gave 96.5% top-1 agreement and 0.90
+    on a 1024-token text, mostly from rounding each product's sum to 8 bits. Gate: perplexity within 0.1%, top-1
+    agreement >= 99%, logits within 0.2."""
     from gale.weights import load_model
 
     plain = load_model(smollm2_path, progress=False)
@@ -381,22 +490,22 @@ def test_scoring_keeps_fp32_gemms_where_prefill_takes_fp16(smollm2_llm, monkeypa
     assert not torch.equal(fast, exact)  # outside scoring, the fp16 GEMM
 
 
-def test_fp16_prefill_keeps_the_default_models_answers(smollm2_path, monkeypatch):
-    """A question behind a long system prompt (its prefill takes the GEMM): the same greedy tokens in fp16 as
-    in fp32, and the answer is still Paris. No prefix cache: each prompt is computed."""
+def test_fast_prefill_gemms_keep_the_default_models_answers(smollm2_path, monkeypatch):
+    """A question behind a long system prompt (its prefill takes the GEMM): the same greedy tokens in fp16 and
+    int16 as in fp32, and the answer is still Paris. No prefix cache: each prompt is computed."""
     import gale
 
     llm = gale.load(smollm2_path, progress=False, prefix_cache_tokens=0)
     system = "You are a helpful assistant. " + BICYCLE[:600] + " Answer the user's question in one sentence."
     messages = [{"role": "system", "content": system}, {"role": "user", "content": "What is the capital of France?"}]
     answers = {}
-    for dtype in ("fp32", "fp16"):
+    for dtype in ("fp32", "fp16", "int16"):
         monkeypatch.setenv("GALE_GEMM", dtype)
         gemm_dtype.cache_clear()
         answers[dtype] = llm.chat(messages, max_tokens=16, temperature=0.0).text
     gemm_dtype.cache_clear()
-    assert answers["fp16"] == answers["fp32"]
-    assert "Paris" in answers["fp16"]
+    assert answers["fp16"] == answers["int16"] == answers["fp32"]
+    assert "Paris" in answers["fp32"]
 
 
 def test_without_a_compiler_models_load_dequantized(smollm2_path):

@@ -5,13 +5,14 @@ Decoding one token reads every weight once, so its speed is the memory bandwidth
 bytes: blocks of 4.5-8.5 bits instead of fp32 make it up to 7x faster. The products are computed by small C
 kernels (gale/csrc/*.c): one vector (decode at batch 1), and K-quant batches up to 64, as exact integer
 products of the weights' own integers with the activations held to 16 bits per group (llama.cpp holds them
-to 8, which derails small models), each row's weights widened once for four vectors (Q4_0 / Q4_1: eight rows
-at a time, their bytes transposed in registers); batches of the 32-wide
+to 8, which derails small models), each row's weights widened once for four vectors (Q4_0 / Q4_1, and Q4_K /
+Q5_K with VNNI: eight rows at a time, their bytes transposed in registers); batches of the 32-wide
 kinds with fp32 activations and sums; a decode step can run all layers in one call (DecodeKernel). They are
 compiled on first use with the system's C compiler into ~/.cache/gale and called through ctypes (no Python
 headers, no ninja); without a compiler, models load dequantized as before. For more than 64 vectors at once
-(prefill) a layer is unpacked slice by slice and multiplied by torch's GEMM: in fp32, or in fp16 on CPUs with
-AMX's fp16 tiles, where that runs ~6x faster behind a measured quality gate (`gemm_dtype`).
+(prefill) a layer is unpacked slice by slice and multiplied by torch's GEMM: in fp32, or, on AMX CPUs, in
+fp16 (AMX-FP16) or in 16-bit integers through int8 tiles (`torch._int_mm`), 2.4-6x faster behind measured
+quality gates (`gemm_dtype`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,12 @@ GEMM_MIN_VECTORS = 64  # above this many vectors, dequantize the layer and use t
 GEMM_F16_MIN_VECTORS = 16  # same for fp16 GEMMs (7B: 16 tokens 1.6 s either way; 32: 1.7 s vs 5.1 in the kernels)
 GEMM_SLICE_VALUES = 1 << 23  # fp32 weights dequantized at a time for the GEMM (32 MB)
 GEMM_F16_ROWS = 256  # rows of fp16 weights at a time: 2-7 MB, still in cache when the GEMM reads them
-GEMM_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # GALE_GEMM's choices (gemm_dtype)
+GEMM_INT16_ROWS = 512  # rows of 16-bit integer planes at a time (int16 GEMMs)
+# above this many vectors the int16 GEMM beats the kernels (one 14336x4096 layer, 2 threads, AMX Xeon): its
+# planes cost ~20 ms a layer whatever the batch, the K-quants' eight-row kernels are the fastest per vector
+GEMM_INT16_MIN_VECTORS = {"Q4_0": 16, "Q4_1": 16, "Q8_0": 16, "Q4_K": 64, "Q5_K": 48, "Q6_K": 24}
+# GALE_GEMM's choices (gemm_dtype); torch.int16 stands for 16-bit integer planes through int8 GEMMs
+GEMM_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int16": torch.int16}
 PREFETCH_BYTES = 16384  # the kernels' software prefetch distance where it helps (prefetch_bytes)
 KINDS = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")  # kernels.c's GALE_Q4_0 .. GALE_Q6_K
 
@@ -79,6 +85,8 @@ def kernels() -> ctypes.CDLL | None:
     dll.gale_gemv.argtypes = [p, p, p, i64, i32, i32]
     dll.gale_dequant.argtypes = [p, p, i64, p, i32]
     dll.gale_dequant_f16.argtypes = [p, i64, i64, p, i32]
+    dll.gale_dequant_planes.argtypes = [p, i64, i64, p, p, i32]
+    dll.gale_planes.argtypes = [p, i64, i64, p, p, i32]
     dll.gale_decode.argtypes = [p, p, p, p, i32, i64, i64, i64, p, p, p, p, p, i32]
     dll.gale_kv_half.restype = i32
     return dll
@@ -139,21 +147,25 @@ def prefetch_bytes() -> int:
 
 @functools.cache
 def gemm_dtype() -> torch.dtype:
-    """The dtype prefill's GEMMs multiply in: GALE_GEMM (fp32 or fp16) if set, else fp16 on CPUs with AMX's fp16
-    tiles and fp32 elsewhere.
+    """What prefill's GEMMs multiply in: GALE_GEMM (fp32, fp16 or int16) if set, else fp16 on CPUs with AMX's
+    fp16 tiles, int16 on other AMX CPUs (int8 tiles), fp32 elsewhere.
 
     fp16 rounds the weights, the activations and each product's sum to 11 significant bits; the sums are fp32
-    inside the GEMM, and everything outside the projections stays fp32 (residual stream, norms, attention,
-    decode's integer path), and so do scoring's GEMMs (`exact_gemms`). A slice whose fp16 result is not
-    finite (fp16 ends at 65504) is recomputed in fp32. Measured (benchmarks/NOTES.md): on a 2-core AMX Xeon,
-    torch's fp16 and bf16 GEMMs (oneDNN) ran 1.4-2.1 TFLOPS against fp32's 0.24-0.33; fp16 was chosen over
-    bf16 for its 3 more bits: on real text the default model's top-1 agreement with the fp32 path was 99.2%
-    in fp16 and 96.5% in bf16 (the gate: tests/test_quant.py). CPUs without AMX-FP16 would convert fp16 in
-    software: fp32 there."""
+    inside the GEMM. int16 holds each weight row and each token's activations to 16-bit integers of their
+    largest value (2^-16 of it), split into two signed byte planes that meet in torch's int8 GEMM
+    (`torch._int_mm`, exact int32 sums; see QuantLinear._gemm_int16). Everything outside the projections stays
+    fp32 (residual stream, norms, attention, decode's integer path), and so do scoring's GEMMs
+    (`exact_gemms`); a product that cannot be held (non-finite inputs, or fp16's 65504) is recomputed in fp32.
+    Measured (benchmarks/NOTES.md): on a 2-core AMX Xeon with AMX-FP16, torch's fp16 and bf16 GEMMs (oneDNN)
+    ran 1.4-2.1 TFLOPS against fp32's 0.24-0.33; fp16 was chosen over bf16 for its 3 more bits (top-1
+    agreement with the fp32 path on real text 99.2% vs 96.5%). On one without AMX-FP16 (fp16 GEMMs there run
+    at fp32's speed), torch's int8 GEMM ran 2.3-2.5 TOPS: int16's three byte products per multiply-add 1.8-2.5x
+    fp32. The gates: tests/test_quant.py."""
     choice = os.environ.get("GALE_GEMM")
     if choice is None:
         amx_fp16 = getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)
-        return torch.float16 if amx_fp16() else torch.float32
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        return torch.float16 if amx_fp16() else torch.int16 if amx() else torch.float32
     if choice not in GEMM_DTYPES:
         raise ValueError(f"GALE_GEMM={choice!r} is not one of {sorted(GEMM_DTYPES)}")
     return GEMM_DTYPES[choice]
@@ -215,7 +227,8 @@ class QuantLinear(nn.Module):
         if x.requires_grad:
             return torch.nn.functional.linear(x, self.dequantized())
         dtype = _gemm_dtype_here()
-        if x.shape[0] > (GEMM_F16_MIN_VECTORS if dtype == torch.float16 else GEMM_MIN_VECTORS):
+        least = {torch.float32: GEMM_MIN_VECTORS, torch.float16: GEMM_F16_MIN_VECTORS}.get(dtype)
+        if x.shape[0] > (least or GEMM_INT16_MIN_VECTORS[self.kind]):
             return self._gemm(x, dtype)
         y = torch.empty(x.shape[0], self.out_features)
         self._lib.gale_gemv(self._mat, x.data_ptr(), y.data_ptr(), x.shape[0], 1, torch.get_num_threads())
@@ -226,6 +239,8 @@ class QuantLinear(nn.Module):
         32 MB of fp32 at once instead of 235 MB (what a 7B prefill's peak RSS carried)."""
         if dtype == torch.float16:
             return self._gemm_f16(x)
+        if dtype == torch.int16:
+            return self._gemm_int16(x)
         rows = max(1, GEMM_SLICE_VALUES // self.in_features)
         yt = torch.empty(self.out_features, x.shape[0])
         for r0 in range(0, self.out_features, rows):
@@ -247,11 +262,48 @@ class QuantLinear(nn.Module):
             return self._gemm(x, torch.float32)  # beyond fp16's range: as the fp32 path computes
         return y.float()
 
-    def dequantized_f16(self, r0: int = 0, n: int | None = None) -> torch.Tensor:
-        """fp16 rows r0 .. r0 + n of W (all by default): dequantized().half(), bit for bit."""
+    def _gemm_int16(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T with both held to 16-bit integers (W per row, x per token, a = 256 h + l: kernels.c's
+        gale_dequant_planes and gale_planes) through torch's int8 GEMM: x W^T = sx sw (65536 hx.hw + 256 (lx.hw
+        + hx.lw) + lx.lw), the middle two as one GEMM over [lx | hx] . [hw | lw] (twice the width), lx.lw
+        (below 2^-16 of the rest) left out: three byte products per multiply-add, exact int32 sums. Slices of
+        GEMM_INT16_ROWS rows (4-14 MB of planes). Non-finite inputs go to the fp32 GEMM."""
+        k = self.in_features
+        ax, sx = torch.empty(x.shape[0], 2 * k, dtype=torch.int8), torch.empty(x.shape[0])
+        self._lib.gale_planes(x.data_ptr(), x.shape[0], k, ax.data_ptr(), sx.data_ptr(), torch.get_num_threads())
+        if not bool(sx.isfinite().all()):
+            return self._gemm(x, torch.float32)
+        y = torch.empty(x.shape[0], self.out_features)
+        sx = sx[:, None] * 256
+        for r0 in range(0, self.out_features, GEMM_INT16_ROWS):
+            n = min(GEMM_INT16_ROWS, self.out_features - r0)
+            w, sw = self.dequantized_planes(r0, n)
+            if not bool(sw.isfinite().all()):
+                return self._gemm(x, torch.float32)
+            t = torch._int_mm(ax[:, k:], w[:, :k].T).float().mul_(256).add_(torch._int_mm(ax, w.T))
+            torch.mul(t.mul_(sx), sw, out=y[:, r0:r0 + n])
+        return y
+
+    def dequantized_planes(self, r0: int = 0, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows r0 .. r0 + n of W as 16-bit integers of each row's largest value: ([n, 2 in] int8 = [h | l],
+        [n] scale) with W ~ scale (256 h + l) to scale / 2 (kernels.c's gale_dequant_planes); a row holding
+        inf or NaN has scale NaN."""
+        n = self._rows_in_range(r0, n)
+        w = torch.empty(n, 2 * self.in_features, dtype=torch.int8)
+        scale = torch.empty(n)
+        self._lib.gale_dequant_planes(self._mat, r0, n, w.data_ptr(), scale.data_ptr(), torch.get_num_threads())
+        return w, scale
+
+    def _rows_in_range(self, r0: int, n: int | None) -> int:
+        """n (default: the rows from r0 on), or IndexError where rows r0 .. r0 + n are not W's."""
         n = self.out_features - r0 if n is None else n
         if not (0 <= r0 and n >= 0 and r0 + n <= self.out_features):
             raise IndexError(f"rows {r0}..{r0 + n} out of range for {self.out_features} rows")
+        return n
+
+    def dequantized_f16(self, r0: int = 0, n: int | None = None) -> torch.Tensor:
+        """fp16 rows r0 .. r0 + n of W (all by default): dequantized().half(), bit for bit."""
+        n = self._rows_in_range(r0, n)
         w = torch.empty(n, self.in_features, dtype=torch.float16)
         self._lib.gale_dequant_f16(self._mat, r0, n, w.data_ptr(), torch.get_num_threads())
         return w

@@ -902,18 +902,7 @@ void gale_gemv(const gale_qmat *w, const float *x, float *y, int64_t n, int fp32
     gemv_shared(&w, &y, 1, x, n, fp32_batches, threads);
 }
 
-/* fp32 rows of W: all of them (index NULL, n = rows) or rows index[0..n) (embedding lookups). */
-void gale_dequant(const gale_qmat *w, const int64_t *index, int64_t n, float *out, int threads) {
-    int64_t cols = w->cols, elems = BLOCK_ELEMS[w->kind], nb = cols / elems, bytes = BLOCK_BYTES[w->kind];
-#pragma omp parallel for schedule(static) num_threads(threads) if (n * cols >= 65536)
-    for (int64_t i = 0; i < n; i++) {
-        int64_t r = index ? index[i] : i;
-        for (int64_t b = 0; b < nb; b++)
-            block_weights(w->kind, w->blocks + (r * nb + b) * bytes, out + i * cols + b * elems);
-    }
-}
-
-/* ---- fp16 rows for prefill's GEMMs (quant.py's gemm_dtype) ----
+/* ---- fp32, fp16 and 16-bit integer rows: embedding lookups and prefill's GEMMs (quant.py's gemm_dtype) ----
  * Every kind's weights are w = a_g * q + b_g over groups g of 16 columns (q the block's integers; a, b its
  * scales: Q4_0 d and -8d, Q4_1 d and m, Q8_0 d and 0, Q4_K / Q5_K d sc_i and -dmin m_i, Q6_K d sc_i and -0
  * with q - 32, the -0 keeping the sign of a zero product). a_g * q is exact in fp32 for every kind but Q6_K
@@ -921,10 +910,14 @@ void gale_dequant(const gale_qmat *w, const int64_t *index, int64_t n, float *ou
  * block_weights' multiply and add do; the rounding to fp16 (to nearest, ties to even, as torch's .half())
  * then gives dequantized().half() bit for bit (tests/test_quant.py). */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-/* 16 columns a * q + b from 16 int32 q, stored as fp16. */
-static inline void put16(__m512i q, float a, float b, uint16_t *dst) {
+/* 16 columns a * q + b from 16 int32 q, stored as fp16 (f16) or fp32 (column c at dst + c of that size). */
+static inline __attribute__((always_inline)) void put16(__m512i q, float a, float b, void *dst, int64_t c,
+                                                        const int f16) {
     __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(a), _mm512_cvtepi32_ps(q), _mm512_set1_ps(b));
-    _mm256_storeu_si256((__m256i *)dst, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    if (f16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)dst + c), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    else
+        _mm512_storeu_ps((float *)dst + c, v);
 }
 
 static inline __m512i nibbles16(const uint8_t *p, int shift) {
@@ -932,8 +925,8 @@ static inline __m512i nibbles16(const uint8_t *p, int shift) {
                             _mm512_set1_epi32(0x0f));
 }
 
-/* One block's columns as fp16 (the layouts at block_weights). */
-static void block_f16(int64_t kind, const uint8_t *blk, uint16_t *w) {
+/* One block's columns as fp16 (f16) or fp32 (the layouts at block_weights). */
+static inline __attribute__((always_inline)) void block_put(int64_t kind, const uint8_t *blk, void *w, const int f16) {
     if (kind == GALE_Q4_K || kind == GALE_Q5_K) {
         float d = half_at(blk), dmin = half_at(blk + 2);
         uint8_t sc[8], m[8];
@@ -946,7 +939,7 @@ static void block_f16(int64_t kind, const uint8_t *blk, uint16_t *w) {
                     __m512i h = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qh + l)));
                     q = _mm512_or_si512(q, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h, i), _mm512_set1_epi32(1)), 4));
                 }
-                put16(q, d * (float)sc[i], -(dmin * (float)m[i]), w + 32 * i + l);
+                put16(q, d * (float)sc[i], -(dmin * (float)m[i]), w, 32 * i + l, f16);
             }
         return;
     }
@@ -959,7 +952,7 @@ static void block_f16(int64_t kind, const uint8_t *blk, uint16_t *w) {
             __m512i top = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 128 + 32 * half + l)));
             top = _mm512_and_si512(_mm512_srli_epi32(top, 2 * part), _mm512_set1_epi32(3));
             __m512i q = _mm512_sub_epi32(_mm512_or_si512(low, _mm512_slli_epi32(top, 4)), _mm512_set1_epi32(32));
-            put16(q, d * (float)sc[c / 16], -0.f, w + c); /* -0: a negative scale times 0 stays -0 */
+            put16(q, d * (float)sc[c / 16], -0.f, w, c, f16); /* -0: a negative scale times 0 stays -0 */
         }
         return;
     }
@@ -967,12 +960,16 @@ static void block_f16(int64_t kind, const uint8_t *blk, uint16_t *w) {
     float d = half_at(blk), m = block_m(kind, blk, d);
     if (kind == GALE_Q8_0) {
         for (int j = 0; j < 32; j += 16)
-            put16(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + j))), d, m, w + j);
+            put16(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + j))), d, m, w, j, f16);
         return;
     }
-    put16(nibbles16(q, 0), d, m, w);
-    put16(nibbles16(q, 4), d, m, w + 16);
+    put16(nibbles16(q, 0), d, m, w, 0, f16);
+    put16(nibbles16(q, 4), d, m, w, 16, f16);
 }
+static void block_f16(int64_t kind, const uint8_t *blk, uint16_t *w) { block_put(kind, blk, w, 1); }
+
+/* block_weights' values, 16 at a time (bit for bit: see above). */
+static void block_fp32(int64_t kind, const uint8_t *blk, float *w) { block_put(kind, blk, w, 0); }
 #else
 static inline uint16_t f16_of(float f) { /* to nearest, ties to even */
     _Float16 h = (_Float16)f;
@@ -986,7 +983,84 @@ static void block_f16(int64_t kind, const uint8_t *blk, uint16_t *w) {
     block_weights(kind, blk, f);
     for (int64_t j = 0; j < BLOCK_ELEMS[kind]; j++) w[j] = f16_of(f[j]);
 }
+
+static void block_fp32(int64_t kind, const uint8_t *blk, float *w) { block_weights(kind, blk, w); }
 #endif
+
+/* fp32 rows of W: all of them (index NULL, n = rows) or rows index[0..n) (embedding lookups). */
+void gale_dequant(const gale_qmat *w, const int64_t *index, int64_t n, float *out, int threads) {
+    int64_t cols = w->cols, elems = BLOCK_ELEMS[w->kind], nb = cols / elems, bytes = BLOCK_BYTES[w->kind];
+#pragma omp parallel for schedule(static) num_threads(threads) if (n * cols >= 65536)
+    for (int64_t i = 0; i < n; i++) {
+        int64_t r = index ? index[i] : i;
+        for (int64_t b = 0; b < nb; b++)
+            block_fp32(w->kind, w->blocks + (r * nb + b) * bytes, out + i * cols + b * elems);
+    }
+}
+
+/* One row's planes (gale_dequant_planes) from its fp32 values; returns its scale. */
+static float row_planes(const float *row, int64_t cols, int8_t *h, int8_t *l) {
+    float top = 0.f;
+    int finite = 1;
+    int64_t c = 0;
+#ifdef __AVX512F__
+    __m512 mx = _mm512_setzero_ps(), big = _mm512_set1_ps(3.4028235e38f);
+    __mmask16 ok = 0xffff;
+    for (; c + 16 <= cols; c += 16) {
+        __m512 v = _mm512_abs_ps(_mm512_loadu_ps(row + c));
+        mx = _mm512_max_ps(mx, v), ok &= _mm512_cmp_ps_mask(v, big, _CMP_LE_OQ); /* NaN and inf fail */
+    }
+    top = _mm512_reduce_max_ps(mx), finite = ok == 0xffff;
+#endif
+    for (; c < cols; c++) {
+        float v = fabsf(row[c]);
+        top = v > top ? v : top, finite &= v <= 3.4028235e38f; /* NaN fails both */
+    }
+    int tiny = !(top >= 1e-30f) || !finite;
+    float inv = tiny ? 0.f : 32639.f / top;
+    c = 0;
+#ifdef __AVX512F__
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512i half = _mm512_set1_epi32(128);
+    for (; c + 16 <= cols; c += 16) { /* cvtps rounds to nearest, ties to even, as rintf */
+        __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + c), vinv));
+        __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(a, half), 8);
+        _mm_storeu_si128((__m128i *)(h + c), _mm512_cvtepi32_epi8(hi));
+        _mm_storeu_si128((__m128i *)(l + c), _mm512_cvtepi32_epi8(_mm512_sub_epi32(a, _mm512_slli_epi32(hi, 8))));
+    }
+#endif
+    for (; c < cols; c++) {
+        int32_t a = tiny ? 0 : (int32_t)rintf(row[c] * inv), hi = (a + 128) >> 8;
+        h[c] = (int8_t)hi, l[c] = (int8_t)(a - 256 * hi);
+    }
+    return !finite ? NAN : tiny ? 0.f : top / 32639.f;
+}
+
+/* Rows r0 .. r0 + n of W as 16-bit integers in two signed byte planes, for prefill's int8 GEMMs (quant.py's
+ * int16 GEMM): W[r, c] = scale[r] a + e with a = round(W[r, c] / scale[r]) in [-32639, 32639] and scale[r] =
+ * max_c |W[r, c]| / 32639 (|e| <= scale[r] / 2: 2^-16 of the row's largest), a = 256 h + l with h in
+ * [-127, 127], l in [-128, 127]; out[i] = [h (cols bytes) | l (cols bytes)]. Rows below 1e-30 are zeros, as
+ * xq_quantize's groups; a row holding inf or NaN gets zeros and scale NaN (its caller recomputes in fp32). */
+void gale_dequant_planes(const gale_qmat *w, int64_t r0, int64_t n, int8_t *out, float *scale, int threads) {
+    int64_t cols = w->cols, elems = BLOCK_ELEMS[w->kind], nb = cols / elems, bytes = BLOCK_BYTES[w->kind];
+#pragma omp parallel num_threads(threads) if (n * cols >= 65536)
+    {
+        float *row = malloc(sizeof(float) * cols);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            for (int64_t b = 0; b < nb; b++) block_fp32(w->kind, w->blocks + ((r0 + i) * nb + b) * bytes, row + b * elems);
+            scale[i] = row_planes(row, cols, out + 2 * i * cols, out + 2 * i * cols + cols);
+        }
+        free(row);
+    }
+}
+
+/* The activations' side of the int16 GEMM: each row of x [n, cols] as row_planes does a weight row, out[i] =
+ * [l | h] (the order that meets a weight's [h | l] in pairs of different planes), scale[i] its scale. */
+void gale_planes(const float *x, int64_t n, int64_t cols, int8_t *out, float *scale, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (n * cols >= 65536)
+    for (int64_t i = 0; i < n; i++) scale[i] = row_planes(x + i * cols, cols, out + 2 * i * cols + cols, out + 2 * i * cols);
+}
 
 /* fp16 rows r0 .. r0 + n of W into out [n, cols]: a slice of the layer for one prefill GEMM. */
 void gale_dequant_f16(const gale_qmat *w, int64_t r0, int64_t n, uint16_t *out, int threads) {
