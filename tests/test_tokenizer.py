@@ -153,6 +153,22 @@ def test_pre_tokenizer_splits_are_transformers(smol_ref):
     assert PRE_TOKENIZER_SPLITS == GGUF_PRE_TOKENIZER_SPLITS
 
 
+def test_gguf_tokens_outside_the_byte_alphabet_are_respelled(smol_meta, smol):
+    """A vocabulary that writes some tokens as raw UTF-8 ("€", " café") rather than in GPT-2's byte alphabet
+    ("âĤ¬", "ĠcafÃ©") is respelled: the same ids for the same text. A control token with such characters (a
+    llama.cpp mislabel) is not made special."""
+    tokens = list(smol_meta["tokenizer.ggml.tokens"])
+    euro, cafe = tokens.index("âĤ¬"), tokens.index("ĠcafÃ©")
+    tokens[euro], tokens[cafe] = "€", " café"
+    types = list(smol_meta["tokenizer.ggml.token_type"])
+    types[cafe] = 3  # control
+    tok = load_tokenizer("x.gguf", gguf_metadata=smol_meta | {"tokenizer.ggml.tokens": tokens,
+                                                              "tokenizer.ggml.token_type": types})
+    for text in ("un café à 3€", "€ café €"):
+        assert tok.encode(text) == smol.encode(text), text
+    assert euro in tok.encode("€") and cafe in tok.encode("un café")
+
+
 def test_llama3_split_and_user_defined_tokens_match_transformers(smol_meta, smol_ref):
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
