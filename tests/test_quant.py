@@ -265,6 +265,13 @@ def test_gemm_dtype_is_chosen_or_refused(monkeypatch):
     amx_fp16, amx = torch.cpu._is_amx_fp16_supported(), torch.cpu._is_amx_tile_supported()
     assert gemm_dtype() == (torch.float16 if amx_fp16 else torch.int16 if amx else torch.float32)
     gemm_dtype.cache_clear()
+    monkeypatch.delattr(torch, "_int_mm")  # a torch without the int8 GEMM: never chosen, and refused if asked
+    assert gemm_dtype() != torch.int16
+    monkeypatch.setenv("GALE_GEMM", "int16")
+    gemm_dtype.cache_clear()
+    with pytest.raises(ValueError, match="needs torch._int_mm"):
+        gemm_dtype()
+    gemm_dtype.cache_clear()
 
 
 @pytest.mark.parametrize("kind", KINDS)

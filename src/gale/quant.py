@@ -165,9 +165,12 @@ def gemm_dtype() -> torch.dtype:
     if choice is None:
         amx_fp16 = getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)
         amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-        return torch.float16 if amx_fp16() else torch.int16 if amx() else torch.float32
+        int8_gemm = hasattr(torch, "_int_mm")  # private API: absent, the int16 path is not chosen
+        return torch.float16 if amx_fp16() else torch.int16 if amx() and int8_gemm else torch.float32
     if choice not in GEMM_DTYPES:
         raise ValueError(f"GALE_GEMM={choice!r} is not one of {sorted(GEMM_DTYPES)}")
+    if choice == "int16" and not hasattr(torch, "_int_mm"):
+        raise ValueError(f"GALE_GEMM=int16 needs torch._int_mm, which torch {torch.__version__} lacks")
     return GEMM_DTYPES[choice]
 
 
