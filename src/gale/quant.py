@@ -5,8 +5,8 @@ Decoding one token reads every weight once, so its speed is the memory bandwidth
 bytes: blocks of 4.5-8.5 bits instead of fp32 make it up to 7x faster. The products are computed by small C
 kernels (gale/csrc/*.c): one vector (decode at batch 1), and K-quant batches up to 64, as exact integer
 products of the weights' own integers with the activations held to 16 bits per group (llama.cpp holds them
-to 8, which derails small models), each row's weights widened once for four vectors (Q4_0 / Q4_1, and Q4_K /
-Q5_K with VNNI: eight rows at a time, their bytes transposed in registers); batches of the 32-wide
+to 8, which derails small models), each row's weights widened once for four vectors (Q4_0 / Q4_1, and Q8_0 /
+Q4_K / Q5_K with VNNI: eight rows at a time, their bytes transposed in registers); batches of the 32-wide
 kinds with fp32 activations and sums; a decode step can run all layers in one call (DecodeKernel). They are
 compiled on first use with the system's C compiler into ~/.cache/gale and called through ctypes (no Python
 headers, no ninja); without a compiler, models load dequantized as before. For more than 64 vectors at once

@@ -597,11 +597,50 @@ static inline __attribute__((always_inline)) void rows8_q45k(int64_t kind, const
 }
 
 /* The eight-row kernels (rows8_kind) for n <= ROWS8_VECTORS vectors, each (kind, n) its own unrolled copy. */
-/* Kinds multiplied eight rows at a time. Q4_K / Q5_K only with VNNI: without it (vpdpbusd as two AVX2
+/* Eight consecutive rows of Q8_0 against N vectors (VNNI only: see rows8_kind), as rows8_q4 does Q4_0: the rows'
+ * 32 quant bytes per block transposed in 4-byte groups (T[k] lane r = row r's bytes 4k..4k+3 = columns
+ * 4k..4k+3), made unsigned by a bias, u = q + 128 (vpdpbusd's unsigned side), so each lane sums u . h and u . l
+ * and the low plane's accumulator starts at -128 sum(a): q . a = 256 (u . h) + (u . l) - 128 sum(a), exact in
+ * int32 (|256 u . h| <= 256 * 32 * 255 * 127). */
+static inline __attribute__((always_inline)) void rows8_q8(const uint8_t *row0, int64_t stride, const gale_xq *xq,
+                                                           int64_t nb, const int N, float *out, int64_t out_stride) {
+    const int64_t bytes = BLOCK_BYTES[GALE_Q8_0];
+    const __m256i bias = _mm256_set1_epi8((char)0x80), z = _mm256_setzero_si256();
+    const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)stride));
+    __m256 acc[ROWS8_VECTORS];
+    for (int v = 0; v < N; v++) acc[v] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row0 + bytes * b;
+        if ((b & 1) == 0)
+            for (int r = 0; r < 8; r++) prefetch_ahead(blk + r * stride, 2); /* two blocks: 68 bytes */
+        __m256i T[8];
+        transpose_rows8(blk + 2, stride, T);
+        __m256i ph[ROWS8_VECTORS], pl[ROWS8_VECTORS];
+        for (int v = 0; v < N; v++) ph[v] = z, pl[v] = _mm256_set1_epi32(-128 * xq[v].sum32[b]);
+        for (int k = 0; k < 8; k++) {
+            __m256i u = _mm256_xor_si256(T[k], bias);
+            for (int v = 0; v < N; v++) {
+                int32_t h0, l0;
+                memcpy(&h0, xq[v].h + 32 * b + 4 * k, 4), memcpy(&l0, xq[v].l + 32 * b + 4 * k, 4);
+                ph[v] = DPBUSD(ph[v], u, _mm256_set1_epi32(h0));
+                pl[v] = DPBUSD(pl[v], u, _mm256_set1_epi32(l0));
+            }
+        }
+        __m256 d = _mm256_cvtph_ps(low_halves(_mm256_i32gather_epi32((const int *)blk, offsets, 1)));
+        for (int v = 0; v < N; v++) {
+            __m256i p = _mm256_add_epi32(_mm256_slli_epi32(ph[v], 8), pl[v]);
+            acc[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(d, _mm256_set1_ps(xq[v].scale[b])), acc[v]);
+        }
+    }
+    for (int v = 0; v < N; v++) _mm256_storeu_ps(out + v * out_stride, acc[v]);
+}
+
+/* Kinds multiplied eight rows at a time. Q8_0 / Q4_K / Q5_K only with VNNI: without it (vpdpbusd as two AVX2
  * instructions) rows8_q45k ran 0.96-1.09x the per-row kernel at one vector and 0.71-0.78x at four (Intel,
- * -mno-avx512f -mno-avxvnni), where Q4_0's eight rows still gain. */
+ * -mno-avx512f -mno-avxvnni), where Q4_0's eight rows still gain; Q8_0's biased bytes would overflow
+ * vpmaddubsw's int16 pair sums (2 * 255 * 127). Q6_K stays one row at a time (rows8 was 0.67-0.73x: NOTES). */
 static inline int rows8_kind(int64_t kind) {
-    return kind == GALE_Q4_0 || kind == GALE_Q4_1 || (GALE_VNNI && (kind == GALE_Q4_K || kind == GALE_Q5_K));
+    return kind == GALE_Q4_0 || kind == GALE_Q4_1 || (GALE_VNNI && kind != GALE_Q6_K);
 }
 
 static void rows8_dot(int64_t kind, const uint8_t *row0, int64_t stride, const gale_xq *xq, int64_t nb, int64_t n,
@@ -610,6 +649,7 @@ static void rows8_dot(int64_t kind, const uint8_t *row0, int64_t stride, const g
     case N: \
         if (kind == GALE_Q4_0) rows8_q4(GALE_Q4_0, row0, stride, xq, nb, N, out, out_stride); \
         else if (kind == GALE_Q4_1) rows8_q4(GALE_Q4_1, row0, stride, xq, nb, N, out, out_stride); \
+        else if (kind == GALE_Q8_0) rows8_q8(row0, stride, xq, nb, N, out, out_stride); \
         else if (kind == GALE_Q4_K) rows8_q45k(GALE_Q4_K, row0, stride, xq, nb, N, out, out_stride); \
         else rows8_q45k(GALE_Q5_K, row0, stride, xq, nb, N, out, out_stride); \
         return;
