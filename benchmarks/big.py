@@ -1,11 +1,11 @@
 """Mistral 7B-shaped GGUF files on the CPU: Gale vs llama.cpp, same files, same threads, one command.
 
-    .venv/bin/python benchmarks/big.py --threads 2            # the real shape: ~30 GB of files, made once
+    .venv/bin/python benchmarks/big.py --threads 2            # the real shape: ~35 GB of files, made once
     .venv/bin/python benchmarks/big.py --layers 2             # a quick look (and what the tests run)
 
 Makes a Mistral-7B-shaped model of random weights (dim 4096, 32 layers, 32 query / 8 KV heads of 128,
 hidden 14336, vocab 32000 with Mistral's real v1 tokenizer from mistral-common, window 4096) as an F16 GGUF
-through Gale's own writer (`gale quantize`'s), derives Q4_K_M, Q4_0 and Q8_0 files from it with llama.cpp's
+through Gale's own writer (`gale quantize`'s), derives Q4_K_M, Q4_0, Q8_0 and Q5_K_M files from it with llama.cpp's
 own quantizer (`llama_model_quantize` from llama-cpp-python), caches them under --cache (outside the repo),
 then runs each engine on each file in a subprocess of its own (clean load time and peak RSS) and prints: the
 library's import time (`import gale.llm` / `llama_cpp`, after torch), load time (opening the file until ready,
@@ -29,7 +29,8 @@ from cpu import gale_single, median, rss_mb, run_json  # the sibling benchmark's
 
 SHAPE = dict(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8, vocab_size=32000,
              sliding_window=4096, max_seq_len=8192, rope_theta=10000.0)
-FTYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
+FTYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+          "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M"}  # the most downloaded kinds, and Q4_0
 PROMPT = "The history of computing is a story of ideas, machines and people. "
 
 
