@@ -230,8 +230,9 @@ class QuantLinear(nn.Module):
         if x.requires_grad:
             return torch.nn.functional.linear(x, self.dequantized())
         dtype = _gemm_dtype_here()
-        least = {torch.float32: GEMM_MIN_VECTORS, torch.float16: GEMM_F16_MIN_VECTORS}.get(dtype)
-        if x.shape[0] > (least or GEMM_INT16_MIN_VECTORS[self.kind]):
+        least = GEMM_INT16_MIN_VECTORS[self.kind] if dtype == torch.int16 else \
+            GEMM_F16_MIN_VECTORS if dtype == torch.float16 else GEMM_MIN_VECTORS
+        if x.shape[0] > least:
             return self._gemm(x, dtype)
         y = torch.empty(x.shape[0], self.out_features)
         self._lib.gale_gemv(self._mat, x.data_ptr(), y.data_ptr(), x.shape[0], 1, torch.get_num_threads())

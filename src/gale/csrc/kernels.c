@@ -350,7 +350,7 @@ static void xq_quantize(const float *x, int64_t cols, int64_t group, gale_xq *xq
             xq->sum16[i16] = hsum_i32(_mm256_add_epi32(a[0], a[1]));
             xq->sum16[i16 + 1] = hsum_i32(_mm256_add_epi32(a[2], a[3]));
             xq->sum32[i16 / 2] = xq->sum16[i16] + xq->sum16[i16 + 1];
-            store_planes(a, xq, g * group + c);
+            if (group == 32 || GALE_VNNI) store_planes(a, xq, g * group + c); /* read by the eight-row kernels */
             if (group == 32) { /* the 32-wide kinds' offsets */
                 xq->minus8[8 * (i16 / 2)] = -8 * xq->sum32[i16 / 2];
                 xq->sum[i16 / 2] = s * (float)xq->sum32[i16 / 2];
@@ -446,6 +446,11 @@ static inline void transpose_rows8(const uint8_t *p, int64_t stride, __m256i T[8
     transpose_rows8_16(p + 16, stride, T + 4);
 }
 
+/* Byte offsets of rows 0..7 (row r at r stride), for gathering a field of each of eight rows. */
+static inline __m256i row_offsets(int64_t stride) {
+    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)stride));
+}
+
 /* Vectors per pass of rows8_q4: 4 fills AVX-512's 32 registers (2 N integer accumulators, N fp32 ones, the
  * transposed weights); on AVX2's 16 it spills and is still 1.10-1.15x faster than 2 (Intel, -mno-avx512f). */
 #define ROWS8_VECTORS 4
@@ -468,7 +473,7 @@ static inline __attribute__((always_inline)) void rows8_q4(int64_t kind, const u
                                                            int64_t out_stride) {
     const int64_t bytes = BLOCK_BYTES[kind];
     const __m256i nibble = _mm256_set1_epi8(0x0f), z = _mm256_setzero_si256();
-    const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)stride));
+    const __m256i offsets = row_offsets(stride);
     __m256 acc[ROWS8_VECTORS];
     for (int v = 0; v < N; v++) acc[v] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -539,7 +544,7 @@ static inline __attribute__((always_inline)) void rows8_q45k(int64_t kind, const
                                                              int64_t out_stride) {
     const int64_t bytes = BLOCK_BYTES[kind], qs_at = kind == GALE_Q5_K ? 48 : 16;
     const __m256i nibble = _mm256_set1_epi8(0x0f), z = _mm256_setzero_si256();
-    const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)stride));
+    const __m256i offsets = row_offsets(stride);
     __m256 acc[ROWS8_VECTORS];
     for (int v = 0; v < N; v++) acc[v] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -596,7 +601,6 @@ static inline __attribute__((always_inline)) void rows8_q45k(int64_t kind, const
     for (int v = 0; v < N; v++) _mm256_storeu_ps(out + v * out_stride, acc[v]);
 }
 
-/* The eight-row kernels (rows8_kind) for n <= ROWS8_VECTORS vectors, each (kind, n) its own unrolled copy. */
 /* Eight consecutive rows of Q8_0 against N vectors (VNNI only: see rows8_kind), as rows8_q4 does Q4_0: the rows'
  * 32 quant bytes per block transposed in 4-byte groups (T[k] lane r = row r's bytes 4k..4k+3 = columns
  * 4k..4k+3), made unsigned by a bias, u = q + 128 (vpdpbusd's unsigned side), so each lane sums u . h and u . l
@@ -606,7 +610,7 @@ static inline __attribute__((always_inline)) void rows8_q8(const uint8_t *row0, 
                                                            int64_t nb, const int N, float *out, int64_t out_stride) {
     const int64_t bytes = BLOCK_BYTES[GALE_Q8_0];
     const __m256i bias = _mm256_set1_epi8((char)0x80), z = _mm256_setzero_si256();
-    const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)stride));
+    const __m256i offsets = row_offsets(stride);
     __m256 acc[ROWS8_VECTORS];
     for (int v = 0; v < N; v++) acc[v] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -643,6 +647,7 @@ static inline int rows8_kind(int64_t kind) {
     return kind == GALE_Q4_0 || kind == GALE_Q4_1 || (GALE_VNNI && kind != GALE_Q6_K);
 }
 
+/* The eight-row kernels (rows8_kind) for n <= ROWS8_VECTORS vectors, each (kind, n) its own unrolled copy. */
 static void rows8_dot(int64_t kind, const uint8_t *row0, int64_t stride, const gale_xq *xq, int64_t nb, int64_t n,
                       float *out, int64_t out_stride) {
 #define ROWS8_CASE(N) \
@@ -1006,6 +1011,7 @@ static inline __attribute__((always_inline)) void block_put(int64_t kind, const 
     put16(nibbles16(q, 0), d, m, w, 0, f16);
     put16(nibbles16(q, 4), d, m, w, 16, f16);
 }
+
 static void block_f16(int64_t kind, const uint8_t *blk, uint16_t *w) { block_put(kind, blk, w, 1); }
 
 /* block_weights' values, 16 at a time (bit for bit: see above). */
@@ -1056,8 +1062,11 @@ static float row_planes(const float *row, int64_t cols, int8_t *h, int8_t *l) {
         float v = fabsf(row[c]);
         top = v > top ? v : top, finite &= v <= 3.4028235e38f; /* NaN fails both */
     }
-    int tiny = !(top >= 1e-30f) || !finite;
-    float inv = tiny ? 0.f : 32639.f / top;
+    if (!(top >= 1e-30f) || !finite) { /* zeros (the caller recomputes a non-finite row in fp32) */
+        for (c = 0; c < cols; c++) h[c] = l[c] = 0;
+        return finite ? 0.f : NAN;
+    }
+    float inv = 32639.f / top;
     c = 0;
 #ifdef __AVX512F__
     const __m512 vinv = _mm512_set1_ps(inv);
@@ -1070,10 +1079,10 @@ static float row_planes(const float *row, int64_t cols, int8_t *h, int8_t *l) {
     }
 #endif
     for (; c < cols; c++) {
-        int32_t a = tiny ? 0 : (int32_t)rintf(row[c] * inv), hi = (a + 128) >> 8;
+        int32_t a = (int32_t)rintf(row[c] * inv), hi = (a + 128) >> 8;
         h[c] = (int8_t)hi, l[c] = (int8_t)(a - 256 * hi);
     }
-    return !finite ? NAN : tiny ? 0.f : top / 32639.f;
+    return top / 32639.f;
 }
 
 /* Rows r0 .. r0 + n of W as 16-bit integers in two signed byte planes, for prefill's int8 GEMMs (quant.py's
