@@ -13,12 +13,14 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
+from gale import quant
 from gale.cache import RollingCache
 from gale.config import ModelArgs
 from gale.model import Transformer
 from gale.quant import (
     GEMM_F16_MIN_VECTORS,
     GEMM_INT16_MIN_VECTORS,
+    GEMM_KERNEL_MIN_VECTORS,
     GEMM_MIN_VECTORS,
     GEMV_MAX_VECTORS,
     KINDS,
@@ -243,16 +245,31 @@ def fp16_gemm(monkeypatch):
     yield from gemm_in(monkeypatch, "fp16")
 
 
-@pytest.fixture
-def int16_gemm(monkeypatch):
-    """16-bit integer planes through int8 GEMMs, other AMX CPUs' default."""
+def int16_by(monkeypatch, how: str) -> None:
+    """int16 GEMMs through `how`: "planes" (torch's int8 GEMM over 16-bit planes, AMX CPUs' default) or
+    "kernel" (the kernels' gale_gemm_int, the default of AVX512-VNNI CPUs without AMX); skips where this
+    machine has not got it."""
+    if how == "kernel" and not quant._vnni_gemm():
+        pytest.skip("the kernels' int16 GEMM needs AVX512-VNNI")
+    if how == "planes" and not hasattr(torch, "_int_mm"):
+        pytest.skip("this torch has no int8 GEMM (torch._int_mm)")
+    monkeypatch.setattr(quant, "int16_by_kernel", lambda: how == "kernel")
+
+
+@pytest.fixture(params=["planes", "kernel"])
+def int16_gemm(request, monkeypatch):
+    """Prefill's int16 GEMMs, each implementation in turn (int16_by)."""
+    int16_by(monkeypatch, request.param)
     yield from gemm_in(monkeypatch, "int16")
 
 
-@pytest.fixture(params=["fp16", "int16"])
+@pytest.fixture(params=["fp16", "int16-planes", "int16-kernel"])
 def fast_gemm(request, monkeypatch):
-    """Each faster-than-fp32 prefill GEMM in turn: the quality gates hold for both."""
-    yield from gemm_in(monkeypatch, request.param)
+    """Each faster-than-fp32 prefill GEMM in turn: the quality gates hold for all."""
+    name, _, how = request.param.partition("-")
+    if how:
+        int16_by(monkeypatch, how)
+    yield from gemm_in(monkeypatch, name)
 
 
 def test_gemm_dtype_is_chosen_or_refused(monkeypatch):
@@ -263,14 +280,20 @@ def test_gemm_dtype_is_chosen_or_refused(monkeypatch):
     monkeypatch.delenv("GALE_GEMM")
     gemm_dtype.cache_clear()
     amx_fp16, amx = torch.cpu._is_amx_fp16_supported(), torch.cpu._is_amx_tile_supported()
-    assert gemm_dtype() == (torch.float16 if amx_fp16 else torch.int16 if amx else torch.float32)
+    vnni = quant._vnni_gemm()
+    assert gemm_dtype() == (torch.float16 if amx_fp16 else torch.int16 if amx or vnni else torch.float32)
+    assert quant.int16_by_kernel() == (vnni and not amx)
     gemm_dtype.cache_clear()
-    monkeypatch.delattr(torch, "_int_mm")  # a torch without the int8 GEMM: never chosen, and refused if asked
-    assert gemm_dtype() != torch.int16
+    monkeypatch.delattr(torch, "_int_mm")  # a torch without the int8 GEMM: int16 only through the kernel
+    assert (gemm_dtype() == torch.int16) == (vnni and not amx_fp16)
+    assert quant.int16_by_kernel() == vnni
     monkeypatch.setenv("GALE_GEMM", "int16")
     gemm_dtype.cache_clear()
-    with pytest.raises(ValueError, match="needs torch._int_mm"):
-        gemm_dtype()
+    if vnni:
+        assert gemm_dtype() == torch.int16
+    else:
+        with pytest.raises(ValueError, match="needs AVX512-VNNI or torch._int_mm"):
+            gemm_dtype()
     gemm_dtype.cache_clear()
 
 
@@ -431,13 +454,49 @@ def int16_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("more", [1, 40])
 def test_int16_gemm_products_hold_its_bound(kind, more, int16_gemm):
-    n = GEMM_INT16_MIN_VECTORS[kind] + more  # fewer vectors take the kernels
+    n = max(GEMM_INT16_MIN_VECTORS[kind], GEMM_KERNEL_MIN_VECTORS[kind]) + more  # fewer take the kernels
     q, w = layer(kind, 300, 1024)
     x = torch.randn(n, 1024) * torch.logspace(-2, 2, 1024)
     ref = x.double() @ w.double().T
     err = (q(x).double() - ref).abs()
-    assert err.le(int16_bound(x, w)).all()
+    # the kernel holds x to 16 bits per group and W to its own integers: the integer path's tighter bound
+    assert err.le(single_vector_bound(x, w, kind) if quant.int16_by_kernel() else int16_bound(x, w)).all()
     assert err.max() > 1e-6 * ref.abs().max()  # it is that path (the fp32 one is closer)
+
+
+def test_builds_without_avx512_vnni_refuse_the_kernel_gemm(tmp_path):
+    """The kernels' int16 GEMM exists only where vpdpwssd does: elsewhere it says so (quant._vnni_gemm is then
+    False and int16 GEMMs take torch's int8 GEMM, or are refused) and writes nothing."""
+    import ctypes
+
+    dll = variant_library(tmp_path, "-mno-avx512vnni", "-mno-avxvnni")
+    dll.gale_gemm_int.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    q, _ = layer("Q4_0", 32, 256)
+    x, y = torch.randn(3, 256), torch.full((3, 32), 7.0)
+    assert dll.gale_gemm_int_ok() == 0
+    assert dll.gale_gemm_int(q._mat, x.data_ptr(), y.data_ptr(), 3, 1) == -1
+    assert y.eq(7.0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_int16_kernel_gemm_is_the_integer_path(kind):
+    """gale_gemm_int computes the one-vector kernels' integer sums (the same 16-bit activations, the weights'
+    own integers) for any number of vectors: within fp32 summation order of gale_gemv's integer path, for
+    panels of 32 rows cut short (5, 77 rows), every tile of 6 vectors cut short (n mod 6) and more vectors
+    than one pass over the panels takes (512)."""
+    if not quant._vnni_gemm():
+        pytest.skip("the kernels' int16 GEMM needs AVX512-VNNI")
+    for rows, n in ((5, 7), (77, 1), (77, 2), (77, 3), (77, 4), (77, 5), (77, 6), (77, 13), (40, 65), (40, 515)):
+        q, w = layer(kind, rows, 1024, seed=rows + n)
+        x = torch.randn(n, 1024) * torch.logspace(-2, 2, 1024)
+        got, one = torch.full((n, rows), float("nan")), torch.empty(n, rows)
+        assert q._lib.gale_gemm_int(q._mat, x.data_ptr(), got.data_ptr(), n, 2) == 0
+        q._lib.gale_gemv(q._mat, x.data_ptr(), one.data_ptr(), n, 0, 2)  # the integer path at any batch
+        ref = x.double() @ w.double().T
+        assert (got.double() - ref).abs().le(single_vector_bound(x, w, kind)).all()
+        torch.testing.assert_close(got, one, rtol=1e-5, atol=1e-5 * float(one.abs().max()))
+        x[n // 2, 100] = float("nan")
+        assert q._lib.gale_gemm_int(q._mat, x.data_ptr(), got.data_ptr(), n, 2) == 1  # refused: fp32's to do
 
 
 def test_int16_gemm_recomputes_non_finite_inputs_in_fp32(int16_gemm):
@@ -499,20 +558,24 @@ def test_scoring_keeps_fp32_gemms_where_prefill_takes_fp16(smollm2_llm, monkeypa
 
 def test_fast_prefill_gemms_keep_the_default_models_answers(smollm2_path, monkeypatch):
     """A question behind a long system prompt (its prefill takes the GEMM): the same greedy tokens in fp16 and
-    int16 as in fp32, and the answer is still Paris. No prefix cache: each prompt is computed."""
+    int16 (both implementations where this machine has them) as in fp32, and the answer is still Paris. No
+    prefix cache: each prompt is computed."""
     import gale
 
     llm = gale.load(smollm2_path, progress=False, prefix_cache_tokens=0)
     system = "You are a helpful assistant. " + BICYCLE[:600] + " Answer the user's question in one sentence."
     messages = [{"role": "system", "content": system}, {"role": "user", "content": "What is the capital of France?"}]
     answers = {}
-    for dtype in ("fp32", "fp16", "int16"):
+    here = {"planes": hasattr(torch, "_int_mm"), "kernel": quant._vnni_gemm()}
+    ways = [("fp32", None), ("fp16", None)] + [("int16", how) for how, ok in here.items() if ok]
+    for dtype, how in ways:
         monkeypatch.setenv("GALE_GEMM", dtype)
+        monkeypatch.setattr(quant, "int16_by_kernel", lambda how=how: how == "kernel")
         gemm_dtype.cache_clear()
-        answers[dtype] = llm.chat(messages, max_tokens=16, temperature=0.0).text
+        answers[dtype, how] = llm.chat(messages, max_tokens=16, temperature=0.0).text
     gemm_dtype.cache_clear()
-    assert answers["fp16"] == answers["int16"] == answers["fp32"]
-    assert "Paris" in answers["fp32"]
+    assert len(set(answers.values())) == 1, answers
+    assert "Paris" in answers["fp32", None]
 
 
 def test_without_a_compiler_models_load_dequantized(smollm2_path):

@@ -12,7 +12,8 @@ compiled on first use with the system's C compiler into ~/.cache/gale and called
 headers, no ninja); without a compiler, models load dequantized as before. For more than 64 vectors at once
 (prefill) a layer is unpacked slice by slice and multiplied by torch's GEMM: in fp32, or, on AMX CPUs, in
 fp16 (AMX-FP16) or in 16-bit integers through int8 tiles (`torch._int_mm`), 2.4-6x faster behind measured
-quality gates (`gemm_dtype`).
+quality gates (`gemm_dtype`); on AVX512-VNNI CPUs without AMX the kernels' own int16 GEMM (gale_gemm_int:
+the one-vector arithmetic at any batch, ~2x torch's fp32 GEMM) takes batches from 8-24 vectors on.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ GEMM_INT16_ROWS = 512  # rows of 16-bit integer planes at a time (int16 GEMMs)
 # above this many vectors the int16 GEMM beats the kernels (one 14336x4096 layer, 2 threads, AMX Xeon): its
 # planes cost ~20 ms a layer whatever the batch, the K-quants' eight-row kernels are the fastest per vector
 GEMM_INT16_MIN_VECTORS = {"Q4_0": 16, "Q4_1": 16, "Q8_0": 16, "Q4_K": 64, "Q5_K": 48, "Q6_K": 24}
+# the same for the kernels' own int16 GEMM (AVX512-VNNI without AMX: int16_by_kernel), measured on one
+# 14336x4096 layer on a 2-core Xeon: it unpacks the layer once per call (~15 ms), the 32-wide kinds' batches
+# otherwise go to fp32 passes, the K-quants' to their integer kernels
+GEMM_KERNEL_MIN_VECTORS = {"Q4_0": 8, "Q4_1": 8, "Q8_0": 8, "Q4_K": 24, "Q5_K": 24, "Q6_K": 24}
 # GALE_GEMM's choices (gemm_dtype); torch.int16 stands for 16-bit integer planes through int8 GEMMs
 GEMM_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int16": torch.int16}
 PREFETCH_BYTES = 16384  # the kernels' software prefetch distance where it helps (prefetch_bytes)
@@ -88,6 +93,9 @@ def kernels() -> ctypes.CDLL | None:
     dll.gale_dequant_planes.argtypes = [p, i64, i64, p, p, i32]
     dll.gale_planes.argtypes = [p, i64, i64, p, p, i32]
     dll.gale_decode.argtypes = [p, p, p, p, i32, i64, i64, i64, p, p, p, p, p, i32]
+    dll.gale_gemm_int.argtypes = [p, p, p, i64, i32]
+    dll.gale_gemm_int.restype = i32
+    dll.gale_gemm_int_ok.restype = i32
     dll.gale_kv_half.restype = i32
     return dll
 
@@ -148,30 +156,52 @@ def prefetch_bytes() -> int:
 @functools.cache
 def gemm_dtype() -> torch.dtype:
     """What prefill's GEMMs multiply in: GALE_GEMM (fp32, fp16 or int16) if set, else fp16 on CPUs with AMX's
-    fp16 tiles, int16 on other AMX CPUs (int8 tiles), fp32 elsewhere.
+    fp16 tiles, int16 on other AMX CPUs (int8 tiles) and on AVX512-VNNI ones, fp32 elsewhere.
 
     fp16 rounds the weights, the activations and each product's sum to 11 significant bits; the sums are fp32
-    inside the GEMM. int16 holds each weight row and each token's activations to 16-bit integers of their
-    largest value (2^-16 of it), split into two signed byte planes that meet in torch's int8 GEMM
-    (`torch._int_mm`, exact int32 sums; see QuantLinear._gemm_int16). Everything outside the projections stays
+    inside the GEMM. int16 has two implementations (int16_by_kernel). On AMX it holds each weight row and each
+    token's activations to 16-bit integers of their largest value (2^-16 of it), split into two signed byte
+    planes that meet in torch's int8 GEMM (`torch._int_mm`, exact int32 sums; see QuantLinear._gemm_int16).
+    Without AMX the kernels' gale_gemm_int multiplies the weights' own integers by the activations held to 16
+    bits per group as decoding does (2^-16 of each group of 32 or 256): the one-vector path's numbers, ten
+    times closer to fp32 than the planes on the gate below. Everything outside the projections stays
     fp32 (residual stream, norms, attention, decode's integer path), and so do scoring's GEMMs
     (`exact_gemms`); a product that cannot be held (non-finite inputs, or fp16's 65504) is recomputed in fp32.
     Measured (benchmarks/NOTES.md): on a 2-core AMX Xeon with AMX-FP16, torch's fp16 and bf16 GEMMs (oneDNN)
     ran 1.4-2.1 TFLOPS against fp32's 0.24-0.33; fp16 was chosen over bf16 for its 3 more bits (top-1
     agreement with the fp32 path on real text 99.2% vs 96.5%). On one without AMX-FP16 (fp16 GEMMs there run
     at fp32's speed), torch's int8 GEMM ran 2.3-2.5 TOPS: int16's three byte products per multiply-add 1.8-2.5x
-    fp32. The gates: tests/test_quant.py."""
+    fp32. On a 2-core Xeon without AMX (AVX512-VNNI), gale_gemm_int ran ~2x torch's fp32 GEMM (vpdpwssd: 32
+    multiply-adds an instruction against an FMA's 16). The gates: tests/test_quant.py."""
     choice = os.environ.get("GALE_GEMM")
     if choice is None:
         amx_fp16 = getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-        int8_gemm = hasattr(torch, "_int_mm")  # private API: absent, the int16 path is not chosen
-        return torch.float16 if amx_fp16() else torch.int16 if amx() and int8_gemm else torch.float32
+        return torch.float16 if amx_fp16() else torch.int16 if _amx_int8() or _vnni_gemm() else torch.float32
     if choice not in GEMM_DTYPES:
         raise ValueError(f"GALE_GEMM={choice!r} is not one of {sorted(GEMM_DTYPES)}")
-    if choice == "int16" and not hasattr(torch, "_int_mm"):
-        raise ValueError(f"GALE_GEMM=int16 needs torch._int_mm, which torch {torch.__version__} lacks")
+    if choice == "int16" and not (hasattr(torch, "_int_mm") or _vnni_gemm()):
+        raise ValueError(f"GALE_GEMM=int16 needs AVX512-VNNI or torch._int_mm, which torch {torch.__version__} lacks")
     return GEMM_DTYPES[choice]
+
+
+def _amx_int8() -> bool:
+    """AMX's int8 tiles through torch's int8 GEMM (a private API: absent, this path is not chosen)."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return bool(amx()) and hasattr(torch, "_int_mm")
+
+
+@functools.cache
+def _vnni_gemm() -> bool:
+    """Whether the kernels' own int16 GEMM (gale_gemm_int: AVX512-VNNI builds) is there."""
+    lib = kernels()
+    return lib is not None and bool(lib.gale_gemm_int_ok())
+
+
+def int16_by_kernel() -> bool:
+    """Whether int16 GEMMs run in the kernels' gale_gemm_int rather than torch's int8 GEMM over 16-bit planes:
+    yes on AVX512-VNNI CPUs without AMX (AMX's tiles ran 2 TOPS, the kernel ~0.14 T multiply-adds), and
+    wherever torch lacks `_int_mm`."""
+    return _vnni_gemm() and not _amx_int8()
 
 
 _EXACT = contextvars.ContextVar("gale_exact_gemms", default=False)
@@ -230,8 +260,11 @@ class QuantLinear(nn.Module):
         if x.requires_grad:
             return torch.nn.functional.linear(x, self.dequantized())
         dtype = _gemm_dtype_here()
-        least = GEMM_INT16_MIN_VECTORS[self.kind] if dtype == torch.int16 else \
-            GEMM_F16_MIN_VECTORS if dtype == torch.float16 else GEMM_MIN_VECTORS
+        least = GEMM_MIN_VECTORS
+        if dtype == torch.int16:
+            least = (GEMM_KERNEL_MIN_VECTORS if int16_by_kernel() else GEMM_INT16_MIN_VECTORS)[self.kind]
+        elif dtype == torch.float16:
+            least = GEMM_F16_MIN_VECTORS
         if x.shape[0] > least:
             return self._gemm(x, dtype)
         y = torch.empty(x.shape[0], self.out_features)
@@ -272,6 +305,11 @@ class QuantLinear(nn.Module):
         + hx.lw) + lx.lw), the middle two as one GEMM over [lx | hx] . [hw | lw] (twice the width), lx.lw
         (below 2^-16 of the rest) left out: three byte products per multiply-add, exact int32 sums. Slices of
         GEMM_INT16_ROWS rows (4-14 MB of planes). Non-finite inputs go to the fp32 GEMM."""
+        if int16_by_kernel():
+            y = torch.empty(x.shape[0], self.out_features)
+            if self._lib.gale_gemm_int(self._mat, x.data_ptr(), y.data_ptr(), x.shape[0], torch.get_num_threads()):
+                return self._gemm(x, torch.float32)  # inf or NaN in x
+            return y
         k = self.in_features
         ax, sx = torch.empty(x.shape[0], 2 * k, dtype=torch.int8), torch.empty(x.shape[0])
         self._lib.gale_planes(x.data_ptr(), x.shape[0], k, ax.data_ptr(), sx.data_ptr(), torch.get_num_threads())

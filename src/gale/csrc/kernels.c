@@ -955,11 +955,28 @@ void gale_gemv(const gale_qmat *w, const float *x, float *y, int64_t n, int fp32
  * block_weights' multiply and add do; the rounding to fp16 (to nearest, ties to even, as torch's .half())
  * then gives dequantized().half() bit for bit (tests/test_quant.py). */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-/* 16 columns a * q + b from 16 int32 q, stored as fp16 (f16) or fp32 (column c at dst + c of that size). */
+enum { PUT_F32 = 0, PUT_F16 = 1, PUT_INT = 2 };
+
+/* Where PUT_INT writes a block's scales a and offsets b: those of columns c .. c + 15 at scale[(c >> shift)
+ * stride] and off[(c >> shift) stride] (shift 4 or 5: 16 or 32 columns a scale; the GEMM's panels store rows
+ * side by side). A shift, not a division: an integer division per 16 columns took a third of the unpacking. */
+typedef struct {
+    float *scale, *off;
+    int shift;
+    int64_t stride;
+} put_scales;
+
+/* 16 columns a * q + b from 16 int32 q, stored at dst + c as fp32, as fp16, or (PUT_INT) as q itself in int16
+ * with a and b where `to` says: what the integer GEMM multiplies (gale_gemm_int). */
 static inline __attribute__((always_inline)) void put16(__m512i q, float a, float b, void *dst, int64_t c,
-                                                        const int f16) {
+                                                        const int mode, const put_scales *to) {
+    if (mode == PUT_INT) {
+        _mm256_storeu_si256((__m256i *)((int16_t *)dst + c), _mm512_cvtepi32_epi16(q));
+        to->scale[(c >> to->shift) * to->stride] = a, to->off[(c >> to->shift) * to->stride] = b;
+        return;
+    }
     __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(a), _mm512_cvtepi32_ps(q), _mm512_set1_ps(b));
-    if (f16)
+    if (mode == PUT_F16)
         _mm256_storeu_si256((__m256i *)((uint16_t *)dst + c), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     else
         _mm512_storeu_ps((float *)dst + c, v);
@@ -970,8 +987,10 @@ static inline __m512i nibbles16(const uint8_t *p, int shift) {
                             _mm512_set1_epi32(0x0f));
 }
 
-/* One block's columns as fp16 (f16) or fp32 (the layouts at block_weights). */
-static inline __attribute__((always_inline)) void block_put(int64_t kind, const uint8_t *blk, void *w, const int f16) {
+/* One block's columns as fp32, fp16 or integers and scales (put16's modes; the layouts at block_weights). Q4_0's
+ * integers are q - 8 in PUT_INT (offset 0): the GEMM then skips the offsets' products for it. */
+static inline __attribute__((always_inline)) void block_put(int64_t kind, const uint8_t *blk, void *w, const int mode,
+                                                            const put_scales *to) {
     if (kind == GALE_Q4_K || kind == GALE_Q5_K) {
         float d = half_at(blk), dmin = half_at(blk + 2);
         uint8_t sc[8], m[8];
@@ -984,7 +1003,7 @@ static inline __attribute__((always_inline)) void block_put(int64_t kind, const 
                     __m512i h = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qh + l)));
                     q = _mm512_or_si512(q, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h, i), _mm512_set1_epi32(1)), 4));
                 }
-                put16(q, d * (float)sc[i], -(dmin * (float)m[i]), w, 32 * i + l, f16);
+                put16(q, d * (float)sc[i], -(dmin * (float)m[i]), w, 32 * i + l, mode, to);
             }
         return;
     }
@@ -997,7 +1016,7 @@ static inline __attribute__((always_inline)) void block_put(int64_t kind, const 
             __m512i top = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 128 + 32 * half + l)));
             top = _mm512_and_si512(_mm512_srli_epi32(top, 2 * part), _mm512_set1_epi32(3));
             __m512i q = _mm512_sub_epi32(_mm512_or_si512(low, _mm512_slli_epi32(top, 4)), _mm512_set1_epi32(32));
-            put16(q, d * (float)sc[c / 16], -0.f, w, c, f16); /* -0: a negative scale times 0 stays -0 */
+            put16(q, d * (float)sc[c / 16], -0.f, w, c, mode, to); /* -0: a negative scale times 0 stays -0 */
         }
         return;
     }
@@ -1005,17 +1024,23 @@ static inline __attribute__((always_inline)) void block_put(int64_t kind, const 
     float d = half_at(blk), m = block_m(kind, blk, d);
     if (kind == GALE_Q8_0) {
         for (int j = 0; j < 32; j += 16)
-            put16(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + j))), d, m, w, j, f16);
+            put16(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + j))), d, m, w, j, mode, to);
         return;
     }
-    put16(nibbles16(q, 0), d, m, w, 0, f16);
-    put16(nibbles16(q, 4), d, m, w, 16, f16);
+    if (mode == PUT_INT && kind == GALE_Q4_0) {
+        const __m512i eight = _mm512_set1_epi32(8);
+        put16(_mm512_sub_epi32(nibbles16(q, 0), eight), d, 0.f, w, 0, mode, to);
+        put16(_mm512_sub_epi32(nibbles16(q, 4), eight), d, 0.f, w, 16, mode, to);
+        return;
+    }
+    put16(nibbles16(q, 0), d, m, w, 0, mode, to);
+    put16(nibbles16(q, 4), d, m, w, 16, mode, to);
 }
 
-static void block_f16(int64_t kind, const uint8_t *blk, uint16_t *w) { block_put(kind, blk, w, 1); }
+static void block_f16(int64_t kind, const uint8_t *blk, uint16_t *w) { block_put(kind, blk, w, PUT_F16, NULL); }
 
 /* block_weights' values, 16 at a time (bit for bit: see above). */
-static void block_fp32(int64_t kind, const uint8_t *blk, float *w) { block_put(kind, blk, w, 0); }
+static void block_fp32(int64_t kind, const uint8_t *blk, float *w) { block_put(kind, blk, w, PUT_F32, NULL); }
 #else
 static inline uint16_t f16_of(float f) { /* to nearest, ties to even */
     _Float16 h = (_Float16)f;
@@ -1119,6 +1144,220 @@ void gale_dequant_f16(const gale_qmat *w, int64_t r0, int64_t n, uint16_t *out, 
         for (int64_t b = 0; b < nb; b++)
             block_f16(w->kind, w->blocks + ((r0 + i) * nb + b) * bytes, out + i * cols + b * elems);
 }
+
+/* ---- prefill's GEMM in the integer path's arithmetic (AVX512-VNNI) ----
+ * y = x W^T for many vectors at once, on the weights' own integers and the activations held to 16 bits per
+ * group exactly as the one-vector kernels hold them (xq_quantize: the same a, s and integer sums), so a
+ * prefill computes what decoding the same tokens one at a time computes, up to the order of fp32 sums. It is
+ * the prefill GEMM of CPUs with AVX512-VNNI but no AMX, where torch's fp32 GEMM was the only choice: vpdpwssd
+ * does 32 int16 multiply-adds per instruction against an fp32 FMA's 16 (measured on a 2-core Xeon without
+ * AMX: both 1 per cycle at 512 bits), and the weights need no fp32 copy.
+ *
+ * A panel of GEMM_PANEL rows is unpacked once for up to GEMM_VECTORS vectors (block_put's integers and per-16-column
+ * scales, then transposed so that one 64-byte vector holds columns 2p, 2p + 1 of 16 rows); each tile of
+ * GEMM_TOKENS vectors then runs the whole width in registers: per pair of columns two weight vectors and one
+ * broadcast pair of activations per vector, vpdpwssd into int32 lanes; per scale group (32 columns, Q6_K 16)
+ * the lanes go to fp32 times d_r s_v, plus the offset's m_r (s sum(a))_v (Q4_1, Q4_K, Q5_K). int32 cannot
+ * overflow: |q| <= 128 (Q6_K's q - 32: 32) and |a| <= 32639 over 32 columns stay below 2^28. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define GEMM_PANEL 32 /* rows per panel: two vectors of 16 lanes */
+#define GEMM_TOKENS 6 /* vectors per tile: 2 x 6 int32 and 2 x 6 fp32 accumulators of the 32 registers */
+/* Vectors per pass over the panels: each pass unpacks the weights again, and its activations (512 x 14336 x
+ * 2 bytes at most, 15 MB) are what every panel reads, from cache rather than DRAM for longer chunks. */
+#define GEMM_VECTORS 512
+
+typedef struct {
+    int64_t cols, group; /* group: xq_quantize's (32 or 256) */
+    int16_t *a;          /* [n][cols]: round(x / s), column order */
+    float *s;            /* [n][cols / group] */
+    float *sum;          /* [n][cols / 32]: s sum(a) of each 32 columns (the offsets' factor) */
+} gemm_x;
+
+/* x [n, cols] as xq_quantize writes each vector; returns 0, or 1 where x holds inf or NaN (the caller then
+ * multiplies in fp32: the integers cannot represent them). */
+static int gemm_quantize(const float *x, int64_t n, gemm_x *q, int threads) {
+    int64_t cols = q->cols, group = q->group;
+    int bad = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : bad) if (n * cols >= 65536)
+    for (int64_t i = 0; i < n; i++) {
+        const __m512 big = _mm512_set1_ps(3.4028235e38f);
+        for (int64_t g = 0; g < cols / group; g++) {
+            const float *xg = x + i * cols + g * group;
+            float top = abs_max(xg, group);
+            int tiny = !(top >= 1e-30f);
+            float s = tiny ? 0.f : top / XQ_MAX;
+            const __m512 inv = _mm512_set1_ps(tiny ? 0.f : XQ_MAX / top);
+            q->s[i * (cols / group) + g] = s;
+            for (int64_t c = 0; c < group; c += 32) {
+                __m512 x0 = _mm512_loadu_ps(xg + c), x1 = _mm512_loadu_ps(xg + c + 16);
+                bad |= (_mm512_cmp_ps_mask(_mm512_abs_ps(x0), big, _CMP_LE_OQ) &
+                        _mm512_cmp_ps_mask(_mm512_abs_ps(x1), big, _CMP_LE_OQ)) != 0xffff;
+                __m512i a0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv)), a1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
+                int16_t *dst = q->a + i * cols + g * group + c;
+                _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(a0));
+                _mm256_storeu_si256((__m256i *)(dst + 16), _mm512_cvtepi32_epi16(a1));
+                int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1));
+                q->sum[i * (cols / 32) + (g * group + c) / 32] = s * (float)sum;
+            }
+        }
+    }
+    return bad;
+}
+
+typedef struct {
+    int16_t *q;         /* [GEMM_PANEL][cols]: the rows' integers */
+    int32_t *w;         /* [cols / 2][GEMM_PANEL]: columns 2p, 2p + 1 of each row as one int32 */
+    float *scale, *off; /* [cols / sub][GEMM_PANEL]: their scales and offsets */
+} gemm_panel;
+
+/* r[i] lane j <- r[j] lane i: a 16 x 16 transpose of int32 lanes (64 shuffles). */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++)
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]), t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]), r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+            t[8 * i + 4 + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88), r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+}
+
+/* Rows r0 .. r0 + n (n <= GEMM_PANEL; the rest zeros) of W into P, scales per `sub` columns. */
+static void pack_panel(const gale_qmat *W, int64_t r0, int64_t n, int64_t sub, gemm_panel *P) {
+    int64_t cols = W->cols, elems = BLOCK_ELEMS[W->kind], nb = cols / elems, bytes = BLOCK_BYTES[W->kind];
+    if (n < GEMM_PANEL) {
+        memset(P->q, 0, sizeof(int16_t) * GEMM_PANEL * cols);
+        memset(P->scale, 0, sizeof(float) * GEMM_PANEL * (cols / sub)), memset(P->off, 0, sizeof(float) * GEMM_PANEL * (cols / sub));
+    }
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t b = 0; b < nb; b++) {
+            int64_t first = b * elems / sub * GEMM_PANEL + r;
+            put_scales to = {P->scale + first, P->off + first, sub == 16 ? 4 : 5, GEMM_PANEL};
+            block_put(W->kind, W->blocks + ((r0 + r) * nb + b) * bytes, P->q + r * cols + b * elems, PUT_INT, &to);
+        }
+    for (int v = 0; v < GEMM_PANEL / 16; v++)
+        for (int64_t p = 0; p < cols / 2; p += 16) { /* 16 rows x 16 pairs at a time (cols: a multiple of 32) */
+            __m512i t[16];
+            for (int r = 0; r < 16; r++) t[r] = _mm512_loadu_si512((const int32_t *)(P->q + (16 * v + r) * cols) + p);
+            transpose16(t);
+            for (int i = 0; i < 16; i++) _mm512_storeu_si512(P->w + (p + i) * GEMM_PANEL + 16 * v, t[i]);
+        }
+}
+
+/* y[t0 + t, r0 .. r0 + 32) for t < T (a compile-time constant at each call): the panel times T vectors over
+ * the whole width, the rows' first `valid` written. */
+static inline __attribute__((always_inline)) void gemm_tile(const gemm_panel *P, const gemm_x *x, int64_t t0,
+                                                            const int T, const int sub, int offsets, float *y,
+                                                            int64_t ldy, int64_t valid) {
+    const int64_t cols = x->cols, ng = cols / x->group, n32 = cols / 32;
+    __m512 acc[2][GEMM_TOKENS];
+    for (int t = 0; t < T; t++) acc[0][t] = acc[1][t] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < cols / sub; j++) {
+        __m512i I[2][GEMM_TOKENS];
+        for (int t = 0; t < T; t++) I[0][t] = I[1][t] = _mm512_setzero_si512();
+        const int32_t *wj = P->w + j * sub / 2 * GEMM_PANEL;
+        const int16_t *aj = x->a + t0 * cols + j * sub;
+#pragma GCC unroll 16
+        for (int p = 0; p < sub / 2; p++) {
+            __m512i w0 = _mm512_loadu_si512(wj + p * GEMM_PANEL), w1 = _mm512_loadu_si512(wj + p * GEMM_PANEL + 16);
+            for (int t = 0; t < T; t++) {
+                int32_t pair;
+                memcpy(&pair, aj + t * cols + 2 * p, 4);
+                __m512i xb = _mm512_set1_epi32(pair);
+                I[0][t] = _mm512_dpwssd_epi32(I[0][t], w0, xb);
+                I[1][t] = _mm512_dpwssd_epi32(I[1][t], w1, xb);
+            }
+        }
+        __m512 s0 = _mm512_loadu_ps(P->scale + j * GEMM_PANEL), s1 = _mm512_loadu_ps(P->scale + j * GEMM_PANEL + 16);
+        int64_t g = j * sub / x->group;
+        for (int t = 0; t < T; t++) {
+            __m512 f = _mm512_set1_ps(x->s[(t0 + t) * ng + g]);
+            acc[0][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(I[0][t]), _mm512_mul_ps(s0, f), acc[0][t]);
+            acc[1][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(I[1][t]), _mm512_mul_ps(s1, f), acc[1][t]);
+        }
+        if (offsets) { /* sub == 32 */
+            __m512 o0 = _mm512_loadu_ps(P->off + j * GEMM_PANEL), o1 = _mm512_loadu_ps(P->off + j * GEMM_PANEL + 16);
+            for (int t = 0; t < T; t++) {
+                __m512 u = _mm512_set1_ps(x->sum[(t0 + t) * n32 + j]);
+                acc[0][t] = _mm512_fmadd_ps(o0, u, acc[0][t]);
+                acc[1][t] = _mm512_fmadd_ps(o1, u, acc[1][t]);
+            }
+        }
+    }
+    __mmask16 m0 = valid >= 16 ? 0xffff : (__mmask16)((1u << valid) - 1);
+    __mmask16 m1 = valid >= 32 ? 0xffff : valid <= 16 ? 0 : (__mmask16)((1u << (valid - 16)) - 1);
+    for (int t = 0; t < T; t++) {
+        _mm512_mask_storeu_ps(y + (t0 + t) * ldy, m0, acc[0][t]);
+        _mm512_mask_storeu_ps(y + (t0 + t) * ldy + 16, m1, acc[1][t]);
+    }
+}
+
+/* The panel times vectors v0 .. end, GEMM_TOKENS at a time (each tile's count a compile-time constant). */
+static inline __attribute__((always_inline)) void gemm_tiles(const gemm_panel *P, const gemm_x *x, int64_t v0,
+                                                             int64_t end, const int sub, int offsets, float *y,
+                                                             int64_t ldy, int64_t valid) {
+    int64_t t0 = v0;
+    for (; t0 + GEMM_TOKENS <= end; t0 += GEMM_TOKENS) gemm_tile(P, x, t0, GEMM_TOKENS, sub, offsets, y, ldy, valid);
+    switch (end - t0) {
+    case 5: gemm_tile(P, x, t0, 5, sub, offsets, y, ldy, valid); break;
+    case 4: gemm_tile(P, x, t0, 4, sub, offsets, y, ldy, valid); break;
+    case 3: gemm_tile(P, x, t0, 3, sub, offsets, y, ldy, valid); break;
+    case 2: gemm_tile(P, x, t0, 2, sub, offsets, y, ldy, valid); break;
+    case 1: gemm_tile(P, x, t0, 1, sub, offsets, y, ldy, valid); break;
+    default: break;
+    }
+}
+
+/* y [n, rows] = x [n, cols] W^T in the integer path's arithmetic (above). Returns 0; 1 where x holds inf or
+ * NaN (nothing written: the caller multiplies in fp32); -1 in builds without AVX512-VNNI (gale_gemm_int_ok). */
+int gale_gemm_int(const gale_qmat *w, const float *x, float *y, int64_t n, int threads) {
+    int64_t kind = w->kind, cols = w->cols, rows = w->rows;
+    int64_t sub = kind == GALE_Q6_K ? 16 : 32;
+    int offsets = kind == GALE_Q4_1 || kind == GALE_Q4_K || kind == GALE_Q5_K;
+    gemm_x q = {cols, is_k(kind) ? 256 : 32, malloc(sizeof(int16_t) * n * cols), NULL, NULL};
+    q.s = malloc(sizeof(float) * n * (cols / q.group));
+    q.sum = malloc(sizeof(float) * n * (cols / 32));
+    int bad = gemm_quantize(x, n, &q, threads);
+    if (!bad) {
+#pragma omp parallel num_threads(threads)
+        {
+            gemm_panel P = {malloc(sizeof(int16_t) * GEMM_PANEL * cols), malloc(sizeof(int32_t) * GEMM_PANEL * (cols / 2)),
+                            malloc(sizeof(float) * GEMM_PANEL * (cols / sub)), malloc(sizeof(float) * GEMM_PANEL * (cols / sub))};
+            for (int64_t v0 = 0; v0 < n; v0 += GEMM_VECTORS) {
+                int64_t end = n - v0 < GEMM_VECTORS ? n : v0 + GEMM_VECTORS;
+#pragma omp for schedule(static)
+                for (int64_t r0 = 0; r0 < rows; r0 += GEMM_PANEL) {
+                    int64_t valid = rows - r0 < GEMM_PANEL ? rows - r0 : GEMM_PANEL;
+                    pack_panel(w, r0, valid, sub, &P);
+                    float *yr = y + r0;
+                    if (sub == 16)
+                        gemm_tiles(&P, &q, v0, end, 16, offsets, yr, rows, valid);
+                    else
+                        gemm_tiles(&P, &q, v0, end, 32, offsets, yr, rows, valid);
+                }
+            }
+            free(P.q), free(P.w), free(P.scale), free(P.off);
+        }
+    }
+    free(q.a), free(q.s), free(q.sum);
+    return bad;
+}
+
+int gale_gemm_int_ok(void) { return 1; }
+#else
+int gale_gemm_int(const gale_qmat *w, const float *x, float *y, int64_t n, int threads) {
+    (void)w, (void)x, (void)y, (void)n, (void)threads;
+    return -1;
+}
+
+int gale_gemm_int_ok(void) { return 0; }
+#endif
 
 /* ---- decode step ---- */
 
