@@ -3,15 +3,15 @@
     .venv/bin/python benchmarks/big.py --threads 2            # the real shape: ~35 GB of files, made once
     .venv/bin/python benchmarks/big.py --layers 2             # a quick look (and what the tests run)
 
-Makes a Mistral-7B-shaped model of random weights (dim 4096, 32 layers, 32 query / 8 KV heads of 128,
-hidden 14336, vocab 32000 with Mistral's real v1 tokenizer from mistral-common, window 4096) as an F16 GGUF
-through Gale's own writer (`gale quantize`'s), derives Q4_K_M, Q4_0, Q8_0 and Q5_K_M files from it with llama.cpp's
-own quantizer (`llama_model_quantize` from llama-cpp-python), caches them under --cache (outside the repo),
-then runs each engine on each file in a subprocess of its own (clean load time and peak RSS) and prints: the
-library's import time (`import gale.llm` / `llama_cpp`, after torch), load time (opening the file until ready,
-imports excluded), peak RSS (and over a bare `import torch` process), prefill tok/s for a --prompt-tokens prompt, decode
-tok/s at batch 1 and batch 4, and the bandwidth roofline: bytes read per decoded token (every weight but
-the embedding table) / the read bandwidth this script measures (torch.sum over 2 GB, the same threads).
+Makes a Mistral-7B-shaped model of random weights (dim 4096, 32 layers, 32 query / 8 KV heads of 128, hidden 14336,
+vocab 32000 with Mistral's real v1 tokenizer from mistral-common, window 4096) as an F16 GGUF through Gale's own
+writer (`gale quantize`'s), derives Q4_K_M, Q4_0, Q8_0 and Q5_K_M files from it with llama.cpp's own quantizer
+(`llama_model_quantize` from llama-cpp-python), caches them under --cache (outside the repo), then runs each engine
+on each file (read through the page cache first) in a subprocess of its own (clean load time and peak RSS) and
+prints: the library's import time (`import gale.llm` / `llama_cpp`, after torch), load time (opening the file until
+ready, imports excluded), peak RSS (and over a bare `import torch` process), prefill tok/s for a --prompt-tokens
+prompt, decode tok/s at batch 1 and batch 4, and the bandwidth roofline: bytes read per decoded token (every weight
+but the embedding table) / the read bandwidth this script measures (torch.sum over 2 GB, the same threads).
 """
 
 from __future__ import annotations
@@ -223,11 +223,22 @@ ENGINES = {"torch": run_torch, "gale": run_gale, "llama.cpp": run_llama}
 # ---------------------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------------------
+def warm(path: Path) -> None:
+    """Read the file through the page cache, so each engine starts from the same cached pages (a model a user
+    has run before). Without it the first engine on a file the cache had dropped read it from disk while it
+    decoded: this machine's RAM holds a few of the ~35 GB of files, and VM hosts reclaim cold pages."""
+    buf = bytearray(64 << 20)
+    with path.open("rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
 def spawn(a: argparse.Namespace, engine: str, model: Path | None) -> dict:
     cmd = [sys.executable, __file__, "--engine", engine, "--threads", str(a.threads), "--repeats", str(a.repeats),
            "--prompt-tokens", str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens)]
     if model:
         cmd += ["--model", str(model)]
+        warm(model)
     print(f"  {engine} on {model.name if model else '-'} ...", file=sys.stderr, flush=True)
     return run_json(cmd)
 
