@@ -277,7 +277,7 @@ class QuantLinear(nn.Module):
         if dtype == torch.float16:
             return self._gemm_f16(x)
         if dtype == torch.int16:
-            return self._gemm_int16(x)
+            return self._gemm_kernel(x) if int16_by_kernel() else self._gemm_int16(x)
         rows = max(1, GEMM_SLICE_VALUES // self.in_features)
         yt = torch.empty(self.out_features, x.shape[0])
         for r0 in range(0, self.out_features, rows):
@@ -305,11 +305,6 @@ class QuantLinear(nn.Module):
         + hx.lw) + lx.lw), the middle two as one GEMM over [lx | hx] . [hw | lw] (twice the width), lx.lw
         (below 2^-16 of the rest) left out: three byte products per multiply-add, exact int32 sums. Slices of
         GEMM_INT16_ROWS rows (4-14 MB of planes). Non-finite inputs go to the fp32 GEMM."""
-        if int16_by_kernel():
-            y = torch.empty(x.shape[0], self.out_features)
-            if self._lib.gale_gemm_int(self._mat, x.data_ptr(), y.data_ptr(), x.shape[0], torch.get_num_threads()):
-                return self._gemm(x, torch.float32)  # inf or NaN in x
-            return y
         k = self.in_features
         ax, sx = torch.empty(x.shape[0], 2 * k, dtype=torch.int8), torch.empty(x.shape[0])
         self._lib.gale_planes(x.data_ptr(), x.shape[0], k, ax.data_ptr(), sx.data_ptr(), torch.get_num_threads())
@@ -324,6 +319,14 @@ class QuantLinear(nn.Module):
                 return self._gemm(x, torch.float32)
             t = torch._int_mm(ax[:, k:], w[:, :k].T).float().mul_(256).add_(torch._int_mm(ax, w.T))
             torch.mul(t.mul_(sx), sw, out=y[:, r0:r0 + n])
+        return y
+
+    def _gemm_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T by the kernels' own int16 GEMM (kernels.c's gale_gemm_int: the weights' own integers, x held to
+        16 bits per group as decoding holds it). x holding inf or NaN goes to the fp32 GEMM."""
+        y = torch.empty(x.shape[0], self.out_features)
+        if self._lib.gale_gemm_int(self._mat, x.data_ptr(), y.data_ptr(), x.shape[0], torch.get_num_threads()):
+            return self._gemm(x, torch.float32)
         return y
 
     def dequantized_planes(self, r0: int = 0, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -331,15 +331,21 @@ static inline void store_planes(const __m256i a[4], gale_xq *xq, int64_t c) {
     store_bytes(l, xq->l + c);
 }
 
-/* Quantize x [cols] in groups of `group` columns (32 or 256). Groups whose largest |x| is below 1e-30 (or
- * NaN) count as zeros: their products are below fp32's resolution of any sum they join. */
+/* A group's scale s from its largest |x| (the return value: 1 / s, what x is multiplied by before rounding).
+ * Groups whose largest |x| is below 1e-30 (or NaN) count as zeros: their products are below fp32's resolution
+ * of any sum they join. xq_quantize and the GEMM's gemm_quantize both take it: their integers must agree. */
+static inline float group_scale(float top, float *s) {
+    int tiny = !(top >= 1e-30f);
+    *s = tiny ? 0.f : top / XQ_MAX;
+    return tiny ? 0.f : XQ_MAX / top;
+}
+
+/* Quantize x [cols] in groups of `group` columns (32 or 256), each as group_scale says. */
 static void xq_quantize(const float *x, int64_t cols, int64_t group, gale_xq *xq) {
     for (int64_t g = 0; g < cols / group; g++) {
         const float *xg = x + g * group;
-        float top = abs_max(xg, group);
-        int tiny = !(top >= 1e-30f);
-        float s = tiny ? 0.f : top / XQ_MAX;
-        __m256 inv = _mm256_set1_ps(tiny ? 0.f : XQ_MAX / top);
+        float s;
+        __m256 inv = _mm256_set1_ps(group_scale(abs_max(xg, group), &s));
         for (int64_t c = 0; c < group; c += 32) {
             __m256i a[4];
             for (int k = 0; k < 4; k++) a[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + c + 8 * k), inv));
@@ -1183,10 +1189,8 @@ static int gemm_quantize(const float *x, int64_t n, gemm_x *q, int threads) {
         const __m512 big = _mm512_set1_ps(3.4028235e38f);
         for (int64_t g = 0; g < cols / group; g++) {
             const float *xg = x + i * cols + g * group;
-            float top = abs_max(xg, group);
-            int tiny = !(top >= 1e-30f);
-            float s = tiny ? 0.f : top / XQ_MAX;
-            const __m512 inv = _mm512_set1_ps(tiny ? 0.f : XQ_MAX / top);
+            float s;
+            const __m512 inv = _mm512_set1_ps(group_scale(abs_max(xg, group), &s));
             q->s[i * (cols / group) + g] = s;
             for (int64_t c = 0; c < group; c += 32) {
                 __m512 x0 = _mm512_loadu_ps(xg + c), x1 = _mm512_loadu_ps(xg + c + 16);
