@@ -152,6 +152,19 @@ def test_decode_batches_take_the_integer_path_vector_by_vector(kind, rows):
             assert torch.equal(got, alone[:n])
 
 
+@pytest.mark.parametrize("cols", [8192, 14336])
+def test_wide_q6k_rows_taken_in_pairs_are_the_single_rows_products(cols):
+    """From 8192 columns (kernels.c's Q6K_PAIR_COLS) one vector meets Q6_K's rows two at a time (rows_q6k, R =
+    2): the single-vector bound holds, and each row's product is the one-row kernel's (an odd row count keeps
+    every row single) up to fp32 rounding (fewer FMA chains per row)."""
+    q, w = layer("Q6_K", out_features=64, in_features=cols, seed=cols)
+    single = QuantLinear.from_gguf("Q6_K", blocks("Q6_K", 64, cols, seed=cols)[:63], 63, cols)
+    x = torch.randn(1, cols) * torch.logspace(-2, 2, cols)
+    got = integer_products(q, x)
+    assert (got.double() - x.double() @ w.double().T).abs().le(single_vector_bound(x, w, "Q6_K")).all()
+    torch.testing.assert_close(got[:, :63], integer_products(single, x), rtol=1e-5, atol=1e-6 * got.abs().max().item())
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_single_vectors_hold_each_groups_largest_value_to_16_bits(kind):
     """Values spanning 12 decades, a zero group and a group below 1e-30 (zeros then, not garbage): errors stay
@@ -643,6 +656,21 @@ def test_avx2_builds_give_this_builds_products(kind, rows, tmp_path):
             if n == 1 or kind in K_KINDS or i == 1:
                 for got in (a, b):
                     assert (got.double() - x.double() @ w.double().T).abs().le(single_vector_bound(x, w, kind)).all()
+
+
+@pytest.mark.parametrize("slow_gather", ["0", "1"])
+def test_eight_row_kernels_read_scales_alike_with_or_without_gathers(slow_gather, tmp_path):
+    """The eight-row kernels read their rows' scales by a vector gather, or (GALE_SLOW_GATHER: AMD's cores) by
+    eight scalar loads: the same dwords, so the decode step's products are bit for bit the same either way."""
+    import ctypes
+
+    dll = variant_library(tmp_path, f"-DGALE_SLOW_GATHER={slow_gather}")
+    dll.gale_gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    for kind in KINDS:
+        lin, _ = layer(kind, 64, 1024, seed=5)
+        x = torch.randn(4, 1024)
+        for n in (1, 4):
+            assert torch.equal(integer_products(lin, x[:n]), integer_products(lin, x[:n], dll))
 
 
 def test_library_key_names_the_cpus_features():

@@ -35,6 +35,16 @@
 #define GALE_VNNI 0
 #define DPBUSD(acc, u, s) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
 #endif
+/* AMD's cores gather slowly (Zen 4: a vpgatherdd of eight dwords took ~a fifth of rows8_q4's time per block);
+ * eight scalar loads into two quadwords do it there (rows8_dwords). -march=native names AMD's cores znver1..5
+ * (GCC 12 calls Zen 4 znver3); Intel's gathers are fast enough (scalar loads: 0.90-1.00x there). */
+#ifndef GALE_SLOW_GATHER /* a -D flag may choose (the tests build both) */
+#if defined(__znver1__) || defined(__znver2__) || defined(__znver3__) || defined(__znver4__) || defined(__znver5__)
+#define GALE_SLOW_GATHER 1
+#else
+#define GALE_SLOW_GATHER 0
+#endif
+#endif
 #endif
 
 #define MAX_VECTORS 8
@@ -457,6 +467,19 @@ static inline __m256i row_offsets(int64_t stride) {
     return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)stride));
 }
 
+/* The dword at p + r stride in lane r (r = 0..7). */
+static inline __m256i rows8_dwords(const uint8_t *p, int64_t stride, __m256i offsets) {
+#if GALE_SLOW_GATHER
+    (void)offsets;
+    uint32_t d[8];
+    for (int r = 0; r < 8; r++) memcpy(&d[r], p + r * stride, 4);
+    return _mm256_set_epi64x((int64_t)((uint64_t)d[7] << 32 | d[6]), (int64_t)((uint64_t)d[5] << 32 | d[4]),
+                             (int64_t)((uint64_t)d[3] << 32 | d[2]), (int64_t)((uint64_t)d[1] << 32 | d[0]));
+#else
+    return _mm256_i32gather_epi32((const int *)p, offsets, 1);
+#endif
+}
+
 /* Vectors per pass of rows8_q4: 4 fills AVX-512's 32 registers (2 N integer accumulators, N fp32 ones, the
  * transposed weights); on AVX2's 16 it spills and is still 1.10-1.15x faster than 2 (Intel, -mno-avx512f). */
 #define ROWS8_VECTORS 4
@@ -500,7 +523,7 @@ static inline __attribute__((always_inline)) void rows8_q4(int64_t kind, const u
                 pl[v] = DPBUSD(DPBUSD(pl[v], lo, _mm256_set1_epi32(l0)), hi, _mm256_set1_epi32(l1));
             }
         }
-        __m256i dm = _mm256_i32gather_epi32((const int *)blk, offsets, 1); /* d | m << 16 */
+        __m256i dm = rows8_dwords(blk, stride, offsets); /* d | m << 16 */
         __m256 d = _mm256_cvtph_ps(low_halves(dm));
         __m256 m = kind == GALE_Q4_1 ? _mm256_cvtph_ps(low_halves(_mm256_srli_epi32(dm, 16))) : _mm256_setzero_ps();
         for (int v = 0; v < N; v++) {
@@ -556,9 +579,9 @@ static inline __attribute__((always_inline)) void rows8_q45k(int64_t kind, const
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row0 + bytes * b;
         for (int r = 0; r < 8; r++) prefetch_ahead(blk + r * stride, 3); /* 144 or 176 bytes */
-        __m256i dm = _mm256_i32gather_epi32((const int *)blk, offsets, 1); /* d | dmin << 16 */
+        __m256i dm = rows8_dwords(blk, stride, offsets); /* d | dmin << 16 */
         __m256i S[3], sm[4], QH[8];
-        for (int i = 0; i < 3; i++) S[i] = _mm256_i32gather_epi32((const int *)(blk + 4 + 4 * i), offsets, 1);
+        for (int i = 0; i < 3; i++) S[i] = rows8_dwords(blk + 4 + 4 * i, stride, offsets);
         k_scales_mins_rows8(S, sm);
         if (kind == GALE_Q5_K) transpose_rows8(blk + 16, stride, QH);
         __m256 t[ROWS8_VECTORS]; /* sum_i sc_i (q . a)_i */
@@ -636,7 +659,7 @@ static inline __attribute__((always_inline)) void rows8_q8(const uint8_t *row0, 
                 pl[v] = DPBUSD(pl[v], u, _mm256_set1_epi32(l0));
             }
         }
-        __m256 d = _mm256_cvtph_ps(low_halves(_mm256_i32gather_epi32((const int *)blk, offsets, 1)));
+        __m256 d = _mm256_cvtph_ps(low_halves(rows8_dwords(blk, stride, offsets)));
         for (int v = 0; v < N; v++) {
             __m256i p = _mm256_add_epi32(_mm256_slli_epi32(ph[v], 8), pl[v]);
             acc[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(d, _mm256_set1_ps(xq[v].scale[b])), acc[v]);
@@ -724,65 +747,84 @@ static inline __attribute__((always_inline)) void row_dot_q45k(int64_t kind, con
     for (int v = 0; v < N; v++) out[v] = hsum(acc[v]);
 }
 
-/* One row of Q6_K for N vectors: per super-block d * s * (sum_i sc_i (q . a)_i - 32 sum_i sc_i sum(a)_i), 16
- * scales of 16 columns: a 32-column product's lanes 0-3 take scale 2 p, lanes 4-7 scale 2 p + 1. */
-static inline __attribute__((always_inline)) void row_dot_q6k(const uint8_t *row, const gale_xq *xq, int64_t nb,
-                                                              const int N, float *out) {
+/* Widths from which gemv_int takes Q6_K two rows at a time (rows_q6k): one vector's int16 activations (2
+ * bytes a column) past half of a 32 KB L1. At 4096 columns pairs ran 0.74x one row at a time (Zen 4). */
+#define Q6K_PAIR_COLS 8192
+
+/* R consecutive rows of Q6_K (row r at row0 + r stride) for N vectors: out[r * N + v] = row r . x[v]; per
+ * super-block d * s * (sum_i sc_i (q . a)_i - 32 sum_i sc_i sum(a)_i), 16 scales of 16 columns: a 32-column
+ * product's lanes 0-3 take scale 2 p, lanes 4-7 scale 2 p + 1. R = 2 shares each activation load between two
+ * rows: at 14336 columns a vector's 28 KB of int16 activations no longer stay in L1 beside the streamed
+ * weights, and one row at a time ran at ~19 GB/s there against ~33 at 4096 columns (Zen 4). */
+static inline __attribute__((always_inline)) void rows_q6k(const uint8_t *row0, int64_t stride, const int R,
+                                                           const gale_xq *xq, int64_t nb, const int N, float *out) {
     const __m256i nibble = _mm256_set1_epi8(0x0f), bits45 = _mm256_set1_epi8(0x30), z = _mm256_setzero_si256();
+    const int RN = R * N;
+    const int C = RN == 1 ? 4 : RN == 2 ? 2 : 1; /* FMA chains per (row, vector): few of them need several */
     __m256 acc[XQ_VECTORS];
-    for (int v = 0; v < N; v++) acc[v] = _mm256_setzero_ps();
+    for (int i = 0; i < RN; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = row + b * BLOCK_BYTES[GALE_Q6_K];
-        prefetch_ahead(blk, 4); /* 210 bytes */
-        __m128i sc = _mm_loadu_si128((const __m128i *)(blk + 192));
-        __m256i sc_lo = _mm256_cvtepi8_epi32(sc), sc_hi = _mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8));
-        float d = half_at(blk + 208);
-        __m256 fsc[2] = {_mm256_mul_ps(_mm256_cvtepi32_ps(sc_lo), _mm256_set1_ps(d)),
-                         _mm256_mul_ps(_mm256_cvtepi32_ps(sc_hi), _mm256_set1_ps(d))};
-        const int C = N == 1 ? 4 : N == 2 ? 2 : 1; /* FMA chains per vector: few vectors need several */
+        __m256 fsc[2][2];
         __m256 t[4][XQ_VECTORS]; /* -32 d sum_i sc_i sum(a)_i, then + d sum_i sc_i (q . a)_i */
-        for (int v = 0; v < N; v++) {
-            const int32_t *s16 = xq[v].sum16 + 16 * b;
-            __m256 lo = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)s16));
-            __m256 hi = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(s16 + 8)));
-            t[0][v] = _mm256_mul_ps(_mm256_set1_ps(-32.f), _mm256_fmadd_ps(fsc[1], hi, _mm256_mul_ps(fsc[0], lo)));
-            for (int c = 1; c < C; c++) t[c][v] = _mm256_setzero_ps();
+        for (int r = 0; r < R; r++) {
+            const uint8_t *blk = row0 + r * stride + b * BLOCK_BYTES[GALE_Q6_K];
+            prefetch_ahead(blk, 4); /* 210 bytes */
+            __m128i sc = _mm_loadu_si128((const __m128i *)(blk + 192));
+            __m256i sc_lo = _mm256_cvtepi8_epi32(sc), sc_hi = _mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8));
+            float d = half_at(blk + 208);
+            fsc[r][0] = _mm256_mul_ps(_mm256_cvtepi32_ps(sc_lo), _mm256_set1_ps(d));
+            fsc[r][1] = _mm256_mul_ps(_mm256_cvtepi32_ps(sc_hi), _mm256_set1_ps(d));
+            for (int v = 0; v < N; v++) {
+                const int32_t *s16 = xq[v].sum16 + 16 * b;
+                __m256 lo = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)s16));
+                __m256 hi = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(s16 + 8)));
+                t[0][r * N + v] = _mm256_mul_ps(_mm256_set1_ps(-32.f),
+                                                _mm256_fmadd_ps(fsc[r][1], hi, _mm256_mul_ps(fsc[r][0], lo)));
+                for (int c = 1; c < C; c++) t[c][r * N + v] = _mm256_setzero_ps();
+            }
         }
         for (int half = 0; half < 2; half++) {
-            const uint8_t *ql = blk + 64 * half;
-            __m256i r0 = _mm256_loadu_si256((const __m256i *)ql), r1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
-            __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * half));
-            __m256i low[4] = {_mm256_and_si256(r0, nibble), _mm256_and_si256(r1, nibble),
-                              _mm256_and_si256(_mm256_srli_epi16(r0, 4), nibble),
-                              _mm256_and_si256(_mm256_srli_epi16(r1, 4), nibble)};
+            __m256i low[2][4], qh[2];
+            for (int r = 0; r < R; r++) {
+                const uint8_t *blk = row0 + r * stride + b * BLOCK_BYTES[GALE_Q6_K], *ql = blk + 64 * half;
+                __m256i r0 = _mm256_loadu_si256((const __m256i *)ql), r1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+                qh[r] = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * half));
+                low[r][0] = _mm256_and_si256(r0, nibble), low[r][1] = _mm256_and_si256(r1, nibble);
+                low[r][2] = _mm256_and_si256(_mm256_srli_epi16(r0, 4), nibble);
+                low[r][3] = _mm256_and_si256(_mm256_srli_epi16(r1, 4), nibble);
+            }
             for (int part = 0; part < 4; part++) {
-                /* bits 2 part, 2 part + 1 of each qh byte to bits 4-5 (16-bit shifts: the mask drops what
-                 * crosses from the neighbouring byte) */
-                __m256i moved = part < 2 ? _mm256_slli_epi16(qh, 4 - 2 * part)
-                                         : part == 2 ? qh : _mm256_srli_epi16(qh, 2);
-                __m256i top = _mm256_and_si256(moved, bits45);
-                __m256i w = _mm256_or_si256(low[part], top);
-                __m256i l = _mm256_unpacklo_epi8(w, z), h = _mm256_unpackhi_epi8(w, z);
                 __m256i pick = _mm256_setr_epi32(2 * part, 2 * part, 2 * part, 2 * part, 2 * part + 1, 2 * part + 1,
                                                  2 * part + 1, 2 * part + 1);
-                __m256 scale = _mm256_permutevar8x32_ps(fsc[half], pick);
-                for (int v = 0; v < N; v++) {
-                    __m256i p = dot32(l, h, xq[v].a + 256 * b + 128 * half + 32 * part);
-                    t[part % C][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, t[part % C][v]);
+                for (int r = 0; r < R; r++) {
+                    /* bits 2 part, 2 part + 1 of each qh byte to bits 4-5 (16-bit shifts: the mask drops what
+                     * crosses from the neighbouring byte) */
+                    __m256i moved = part < 2 ? _mm256_slli_epi16(qh[r], 4 - 2 * part)
+                                             : part == 2 ? qh[r] : _mm256_srli_epi16(qh[r], 2);
+                    __m256i w = _mm256_or_si256(low[r][part], _mm256_and_si256(moved, bits45));
+                    __m256i l = _mm256_unpacklo_epi8(w, z), h = _mm256_unpackhi_epi8(w, z);
+                    __m256 scale = _mm256_permutevar8x32_ps(fsc[r][half], pick);
+                    for (int v = 0; v < N; v++) {
+                        __m256i p = dot32(l, h, xq[v].a + 256 * b + 128 * half + 32 * part);
+                        __m256 *tc = &t[part % C][r * N + v];
+                        *tc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, *tc);
+                    }
                 }
             }
         }
-        for (int v = 0; v < N; v++) {
-            for (int c = 1; c < C; c++) t[0][v] = _mm256_add_ps(t[0][v], t[c][v]);
-            acc[v] = _mm256_fmadd_ps(t[0][v], _mm256_set1_ps(xq[v].scale[b]), acc[v]);
-        }
+        for (int r = 0; r < R; r++)
+            for (int v = 0; v < N; v++) {
+                int i = r * N + v;
+                for (int c = 1; c < C; c++) t[0][i] = _mm256_add_ps(t[0][i], t[c][i]);
+                acc[i] = _mm256_fmadd_ps(t[0][i], _mm256_set1_ps(xq[v].scale[b]), acc[i]);
+            }
     }
-    for (int v = 0; v < N; v++) out[v] = hsum(acc[v]);
+    for (int i = 0; i < RN; i++) out[i] = hsum(acc[i]);
 }
 
 static inline __attribute__((always_inline)) void row_dot_xq_n(int64_t kind, const uint8_t *row, const gale_xq *xq,
                                                                int64_t nb, const int N, float *out) {
-    if (kind == GALE_Q6_K) row_dot_q6k(row, xq, nb, N, out);
+    if (kind == GALE_Q6_K) rows_q6k(row, 0, 1, xq, nb, N, out);
     else if (is_k(kind)) row_dot_q45k(kind, row, xq, nb, N, out);
     else row_dot_legacy(kind, row, xq, nb, N, out);
 }
@@ -905,6 +947,15 @@ static void gemv_int(const gale_qmat *const *ws, float *const *ys, int count, co
                 for (int64_t v = 0; v < n; v += ROWS8_VECTORS)
                     rows8_dot(w->kind, w->blocks + r * stride, stride, q + v,
                               nb, n - v < ROWS8_VECTORS ? n - v : ROWS8_VECTORS, y + v * w->rows + r, w->rows);
+            continue;
+        }
+        if (w->kind == GALE_Q6_K && n == 1 && w->rows % 2 == 0 && cols >= Q6K_PAIR_COLS) {
+#pragma omp for schedule(static) nowait
+            for (int64_t r = 0; r < w->rows; r += 2) {
+                float out[2];
+                rows_q6k(w->blocks + r * stride, stride, 2, q, nb, 1, out);
+                y[r] = out[0], y[r + 1] = out[1];
+            }
             continue;
         }
 #pragma omp for schedule(static) nowait
