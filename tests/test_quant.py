@@ -138,7 +138,8 @@ def integer_products(lin: QuantLinear, x: torch.Tensor, dll=None) -> torch.Tenso
 @pytest.mark.parametrize("rows", [96, 60])
 def test_decode_batches_take_the_integer_path_vector_by_vector(kind, rows):
     """The decode step's batches (eight rows at a time for up to four vectors per pass: Q4_0 / Q4_1, and Q8_0 /
-    Q4_K / Q5_K with VNNI; 60 rows: one row at a time) hold the single-vector bound, and each vector's products do not
+    Q4_K / Q5_K with VNNI; Q4_0 / Q4_1 sixteen at a time from three vectors with AVX512-VNNI; 60 rows: one row at
+    a time) hold the single-vector bound, and each vector's products do not
     depend on its batch: bit for bit, the same integer sums and fp32 operations (Q6_K: up to fp32 rounding)."""
     q, w = layer(kind, out_features=rows, seed=rows)
     x = torch.randn(9, w.shape[1]) * torch.logspace(-2, 2, w.shape[1])

@@ -484,56 +484,99 @@ static inline __m256i rows8_dwords(const uint8_t *p, int64_t stride, __m256i off
  * transposed weights); on AVX2's 16 it spills and is still 1.10-1.15x faster than 2 (Intel, -mno-avx512f). */
 #define ROWS8_VECTORS 4
 
-/* Eight consecutive rows of Q4_0 or Q4_1 (row r at row0 + r stride) against N vectors (N <= ROWS8_VECTORS, a
+/* d (and Q4_1's m, the high halves) of eight rows' fp16 pairs, as fp32. */
+static inline __m256 halves8_ps(__m256i v) { return _mm256_cvtph_ps(low_halves(v)); }
+
+/* R consecutive rows of Q4_0 or Q4_1 (row r at row0 + r stride) against N vectors (N <= ROWS8_VECTORS, a
  * compile-time constant at each call): out[v * out_stride + r] = row r . x[v]. One row at a time pays, per
  * block of 32 weights, a scale conversion, a broadcast, an fp32 conversion and an FMA besides the products;
- * here int32 lane r of every vector is row r, so those run once for eight rows (the scales gathered), and
- * each activation dword is broadcast to the eight rows' products. The transposition is shared by the N
- * vectors.
+ * here int32 lane r of every vector is row r, so those run once for R rows (the scales gathered), and each
+ * activation dword is broadcast to the R rows' products. The transposition is shared by the N vectors.
  *
  * Per block b the rows' 16 quant bytes are transposed in 4-byte groups: T[k] lane r = row r's bytes 4k..4k+3,
  * whose low nibbles are columns 4k..4k+3 and high nibbles columns 16 + 4k..16 + 4k + 3. Example, row 5, k = 1:
  * T[1] lane 5 low nibbles = W[5, 32 b + 4..7], meeting the broadcast planes' columns 32 b + 4..7. vpdpbusd then
  * sums each lane's four products: after k = 0..3, lane r holds row r's q . h and q . l over the block, and
  * (q - 8) . a = 256 (q . h) + (q . l) - 8 sum(a), exact in int32 as in the other paths (Q4_1: q . a, its
- * offsets m gathered with d, the dword's high half, times s sum(a)). */
-static inline __attribute__((always_inline)) void rows8_q4(int64_t kind, const uint8_t *row0, int64_t stride,
-                                                           const gale_xq *xq, int64_t nb, const int N, float *out,
-                                                           int64_t out_stride) {
-    const int64_t bytes = BLOCK_BYTES[kind];
-    const __m256i nibble = _mm256_set1_epi8(0x0f), z = _mm256_setzero_si256();
-    const __m256i offsets = row_offsets(stride);
-    __m256 acc[ROWS8_VECTORS];
-    for (int v = 0; v < N; v++) acc[v] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = row0 + bytes * b, *q = block_qs(kind, blk);
-        if ((b & 3) == 0)
-            for (int r = 0; r < 8; r++) prefetch_ahead(blk + r * stride, 2);
-        __m256i T[4];
-        transpose_rows8_16(q, stride, T);
-        __m256i ph[ROWS8_VECTORS], pl[ROWS8_VECTORS];
-        for (int v = 0; v < N; v++) ph[v] = z, pl[v] = kind == GALE_Q4_0 ? _mm256_set1_epi32(xq[v].minus8[8 * b]) : z;
-        for (int k = 0; k < 4; k++) {
-            __m256i lo = _mm256_and_si256(T[k], nibble), hi = _mm256_and_si256(_mm256_srli_epi16(T[k], 4), nibble);
-            for (int v = 0; v < N; v++) {
-                const int8_t *h = xq[v].h + 32 * b + 4 * k, *l = xq[v].l + 32 * b + 4 * k;
-                int32_t h0, h1, l0, l1;
-                memcpy(&h0, h, 4), memcpy(&h1, h + 16, 4), memcpy(&l0, l, 4), memcpy(&l1, l + 16, 4);
-                ph[v] = DPBUSD(DPBUSD(ph[v], lo, _mm256_set1_epi32(h0)), hi, _mm256_set1_epi32(h1));
-                pl[v] = DPBUSD(DPBUSD(pl[v], lo, _mm256_set1_epi32(l0)), hi, _mm256_set1_epi32(l1));
-            }
-        }
-        __m256i dm = rows8_dwords(blk, stride, offsets); /* d | m << 16 */
-        __m256 d = _mm256_cvtph_ps(low_halves(dm));
-        __m256 m = kind == GALE_Q4_1 ? _mm256_cvtph_ps(low_halves(_mm256_srli_epi32(dm, 16))) : _mm256_setzero_ps();
-        for (int v = 0; v < N; v++) {
-            __m256i p = _mm256_add_epi32(_mm256_slli_epi32(ph[v], 8), pl[v]);
-            acc[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(d, _mm256_set1_ps(xq[v].scale[b])), acc[v]);
-            if (kind == GALE_Q4_1) acc[v] = _mm256_fmadd_ps(m, _mm256_set1_ps(xq[v].sum[b]), acc[v]);
-        }
-    }
-    for (int v = 0; v < N; v++) _mm256_storeu_ps(out + v * out_stride, acc[v]);
+ * offsets m gathered with d, the dword's high half, times s sum(a)).
+ *
+ * One body for two widths (a macro: C has no templates): rows8_q4, eight rows in 256-bit vectors (P = _mm256,
+ * SI = si256, DP the VNNI instruction or its AVX2 pair), and with AVX512-VNNI rows16_q4, sixteen rows in 512-bit
+ * ones, which takes batches of three or more (half the instructions per row: rows_dot). Each lane's integer
+ * sums and fp32 operations are the same in both, so products are bit for bit alike. */
+#define ROWS_Q4(NAME, R, VI, VF, P, SI, DP, TRANSPOSE, DWORDS, HALVES_PS) \
+static inline __attribute__((always_inline)) void NAME(int64_t kind, const uint8_t *row0, int64_t stride, \
+                                                       const gale_xq *xq, int64_t nb, const int N, float *out, \
+                                                       int64_t out_stride) { \
+    const int64_t bytes = BLOCK_BYTES[kind]; \
+    const VI nibble = P##_set1_epi8(0x0f), z = P##_setzero_##SI(); \
+    const __m256i offsets = row_offsets(stride); \
+    VF acc[ROWS8_VECTORS]; \
+    for (int v = 0; v < N; v++) acc[v] = P##_setzero_ps(); \
+    for (int64_t b = 0; b < nb; b++) { \
+        const uint8_t *blk = row0 + bytes * b, *q = block_qs(kind, blk); \
+        if ((b & 3) == 0) \
+            for (int r = 0; r < R; r++) prefetch_ahead(blk + r * stride, 2); \
+        VI T[4]; \
+        TRANSPOSE(q, stride, T); \
+        VI ph[ROWS8_VECTORS], pl[ROWS8_VECTORS]; \
+        for (int v = 0; v < N; v++) ph[v] = z, pl[v] = kind == GALE_Q4_0 ? P##_set1_epi32(xq[v].minus8[8 * b]) : z; \
+        for (int k = 0; k < 4; k++) { \
+            VI lo = P##_and_##SI(T[k], nibble), hi = P##_and_##SI(P##_srli_epi16(T[k], 4), nibble); \
+            for (int v = 0; v < N; v++) { \
+                const int8_t *h = xq[v].h + 32 * b + 4 * k, *l = xq[v].l + 32 * b + 4 * k; \
+                int32_t h0, h1, l0, l1; \
+                memcpy(&h0, h, 4), memcpy(&h1, h + 16, 4), memcpy(&l0, l, 4), memcpy(&l1, l + 16, 4); \
+                ph[v] = DP(DP(ph[v], lo, P##_set1_epi32(h0)), hi, P##_set1_epi32(h1)); \
+                pl[v] = DP(DP(pl[v], lo, P##_set1_epi32(l0)), hi, P##_set1_epi32(l1)); \
+            } \
+        } \
+        VI dm = DWORDS(blk, stride, offsets); /* d | m << 16 */ \
+        VF d = HALVES_PS(dm); \
+        VF m = kind == GALE_Q4_1 ? HALVES_PS(P##_srli_epi32(dm, 16)) : P##_setzero_ps(); \
+        for (int v = 0; v < N; v++) { \
+            VI p = P##_add_epi32(P##_slli_epi32(ph[v], 8), pl[v]); \
+            acc[v] = P##_fmadd_ps(P##_cvtepi32_ps(p), P##_mul_ps(d, P##_set1_ps(xq[v].scale[b])), acc[v]); \
+            if (kind == GALE_Q4_1) acc[v] = P##_fmadd_ps(m, P##_set1_ps(xq[v].sum[b]), acc[v]); \
+        } \
+    } \
+    for (int v = 0; v < N; v++) P##_storeu_ps(out + v * out_stride, acc[v]); \
 }
+
+ROWS_Q4(rows8_q4, 8, __m256i, __m256, _mm256, si256, DPBUSD, transpose_rows8_16, rows8_dwords, halves8_ps)
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define GALE_ROWS16 1
+/* transpose_rows8_16 for sixteen rows: rows r, r + 4, r + 8, r + 12 as the 128-bit quarters of one vector, then
+ * the same eight unpacks within each quarter, so T[k] lane r = row r's bytes 4k..4k+3 (r = 0..15). */
+static inline void transpose_rows16_16(const uint8_t *p, int64_t stride, __m512i T[4]) {
+    __m512i y[4];
+    for (int i = 0; i < 4; i++) {
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p + i * stride)));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + (i + 4) * stride)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + (i + 8) * stride)), 2);
+        y[i] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + (i + 12) * stride)), 3);
+    }
+    __m512i t0 = _mm512_unpacklo_epi32(y[0], y[1]), t1 = _mm512_unpackhi_epi32(y[0], y[1]);
+    __m512i t2 = _mm512_unpacklo_epi32(y[2], y[3]), t3 = _mm512_unpackhi_epi32(y[2], y[3]);
+    T[0] = _mm512_unpacklo_epi64(t0, t2), T[1] = _mm512_unpackhi_epi64(t0, t2);
+    T[2] = _mm512_unpacklo_epi64(t1, t3), T[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
+/* The dword at p + r stride in lane r (r = 0..15). */
+static inline __m512i rows16_dwords(const uint8_t *p, int64_t stride, __m256i offsets) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(rows8_dwords(p, stride, offsets)),
+                              rows8_dwords(p + 8 * stride, stride, offsets), 1);
+}
+
+static inline __m512 halves16_ps(__m512i v) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)); }
+
+ROWS_Q4(rows16_q4, 16, __m512i, __m512, _mm512, si512, _mm512_dpbusd_epi32, transpose_rows16_16, rows16_dwords,
+        halves16_ps)
+#else
+#define GALE_ROWS16 0
+#endif
+#undef ROWS_Q4
 
 /* k_scales_mins_packed for eight rows at once: lane r of S[i] is dword i of row r's 12 scale bytes, lane r of
  * out[i] dword i of row r's unpacked scales (out[0], out[1]: sc 0-3, 4-7) and minimums (out[2], out[3]). */
@@ -694,6 +737,32 @@ static void rows8_dot(int64_t kind, const uint8_t *row0, int64_t stride, const g
         ROWS8_CASE(4)
     }
 #undef ROWS8_CASE
+}
+
+/* R = 8 or 16 consecutive rows (rows_step) for n <= ROWS8_VECTORS vectors: sixteen through rows16_q4 from three
+ * vectors, else as two groups of eight (Zen 4, one GEMV from DRAM, rows16 against rows8: one vector 0.90-1.02x, two
+ * 0.83-1.11x, three 0.98-1.22x, four 1.01-1.39x). */
+static void rows_dot(int64_t kind, int64_t R, const uint8_t *row0, int64_t stride, const gale_xq *xq, int64_t nb,
+                     int64_t n, float *out, int64_t out_stride) {
+#if GALE_ROWS16
+#define ROWS16_CASE(N) \
+    case N: \
+        if (kind == GALE_Q4_0) rows16_q4(GALE_Q4_0, row0, stride, xq, nb, N, out, out_stride); \
+        else rows16_q4(GALE_Q4_1, row0, stride, xq, nb, N, out, out_stride); \
+        return;
+    if (R == 16 && n > 2) switch (n) {
+        ROWS16_CASE(3)
+        ROWS16_CASE(4)
+    }
+#undef ROWS16_CASE
+#endif
+    for (int64_t r = 0; r < R; r += 8) rows8_dot(kind, row0 + r * stride, stride, xq, nb, n, out + r, out_stride);
+}
+
+/* Rows per rows_dot call: sixteen for batches of Q4_0 / Q4_1 (three vectors or more) where 512-bit VNNI runs
+ * them, else eight. */
+static inline int64_t rows_step(int64_t kind, int64_t rows, int64_t n) {
+    return GALE_ROWS16 && (kind == GALE_Q4_0 || kind == GALE_Q4_1) && n > 2 && rows % 16 == 0 ? 16 : 8;
 }
 
 /* One row of Q4_K / Q5_K for N vectors: per super-block s * (d * sum_i ((sc_i q) . a)_i - dmin * sum_i m_i
@@ -942,11 +1011,12 @@ static void gemv_int(const gale_qmat *const *ws, float *const *ys, int count, co
         const gale_xq *q = xq + is_k(w->kind) * n;
         float *y = ys[i];
         if (rows8_kind(w->kind) && w->rows % 8 == 0) {
+            const int64_t step = rows_step(w->kind, w->rows, n);
 #pragma omp for schedule(static) nowait
-            for (int64_t r = 0; r < w->rows; r += 8)
+            for (int64_t r = 0; r < w->rows; r += step)
                 for (int64_t v = 0; v < n; v += ROWS8_VECTORS)
-                    rows8_dot(w->kind, w->blocks + r * stride, stride, q + v,
-                              nb, n - v < ROWS8_VECTORS ? n - v : ROWS8_VECTORS, y + v * w->rows + r, w->rows);
+                    rows_dot(w->kind, step, w->blocks + r * stride, stride, q + v,
+                             nb, n - v < ROWS8_VECTORS ? n - v : ROWS8_VECTORS, y + v * w->rows + r, w->rows);
             continue;
         }
         if (w->kind == GALE_Q6_K && n == 1 && w->rows % 2 == 0 && cols >= Q6K_PAIR_COLS) {
