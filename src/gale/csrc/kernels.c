@@ -484,7 +484,7 @@ static inline __m256i rows8_dwords(const uint8_t *p, int64_t stride, __m256i off
  * transposed weights); on AVX2's 16 it spills and is still 1.10-1.15x faster than 2 (Intel, -mno-avx512f). */
 #define ROWS8_VECTORS 4
 
-/* d (and Q4_1's m, the high halves) of eight rows' fp16 pairs, as fp32. */
+/* The low fp16 half of each of eight int32 lanes, as fp32: the rows' d (shifted first: Q4_1's m, K's dmin). */
 static inline __m256 halves8_ps(__m256i v) { return _mm256_cvtph_ps(low_halves(v)); }
 
 /* R consecutive rows of Q4_0 or Q4_1 (row r at row0 + r stride) against N vectors (N <= ROWS8_VECTORS, a
@@ -660,7 +660,7 @@ static inline __attribute__((always_inline)) void rows8_q45k(int64_t kind, const
                 t[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), sc1, t[v]);
             }
         }
-        __m256 d = _mm256_cvtph_ps(low_halves(dm)), dmin = _mm256_cvtph_ps(low_halves(_mm256_srli_epi32(dm, 16)));
+        __m256 d = halves8_ps(dm), dmin = halves8_ps(_mm256_srli_epi32(dm, 16));
         for (int v = 0; v < N; v++) {
             const int32_t *s32 = xq[v].sum32 + 8 * b;
             __m256i msum = z;
@@ -702,7 +702,7 @@ static inline __attribute__((always_inline)) void rows8_q8(const uint8_t *row0, 
                 pl[v] = DPBUSD(pl[v], u, _mm256_set1_epi32(l0));
             }
         }
-        __m256 d = _mm256_cvtph_ps(low_halves(rows8_dwords(blk, stride, offsets)));
+        __m256 d = halves8_ps(rows8_dwords(blk, stride, offsets));
         for (int v = 0; v < N; v++) {
             __m256i p = _mm256_add_epi32(_mm256_slli_epi32(ph[v], 8), pl[v]);
             acc[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(d, _mm256_set1_ps(xq[v].scale[b])), acc[v]);
@@ -824,7 +824,8 @@ static inline __attribute__((always_inline)) void row_dot_q45k(int64_t kind, con
  * super-block d * s * (sum_i sc_i (q . a)_i - 32 sum_i sc_i sum(a)_i), 16 scales of 16 columns: a 32-column
  * product's lanes 0-3 take scale 2 p, lanes 4-7 scale 2 p + 1. R = 2 shares each activation load between two
  * rows: at 14336 columns a vector's 28 KB of int16 activations no longer stay in L1 beside the streamed
- * weights, and one row at a time ran at ~19 GB/s there against ~33 at 4096 columns (Zen 4). */
+ * weights, and one row at a time ran at ~19 GB/s there against ~33 at 4096 columns (Zen 4). R <= 2 and
+ * R * N <= XQ_VECTORS (the accumulators' arrays). */
 static inline __attribute__((always_inline)) void rows_q6k(const uint8_t *row0, int64_t stride, const int R,
                                                            const gale_xq *xq, int64_t nb, const int N, float *out) {
     const __m256i nibble = _mm256_set1_epi8(0x0f), bits45 = _mm256_set1_epi8(0x30), z = _mm256_setzero_si256();
