@@ -272,10 +272,12 @@ typedef struct {
 #define XQ_MAX 32639.f
 #define XQ_VECTORS 4 /* vectors per pass over a row: their accumulators fill the 16 registers */
 
-/* Software prefetch of the weights GALE_PREFETCH bytes ahead of the block being multiplied (0: none). quant.py
- * sets it per CPU from measurement (benchmarks/NOTES.md): on Zen 5 the 14336-wide FFN down projection streamed
+/* Software prefetch of the weights (GALE_PREFETCH 0: none), to L2: quant.py sets it per CPU from measurement
+ * (benchmarks/NOTES.md). Kernels that read one row at a time stream it in memory order and prefetch
+ * GALE_PREFETCH bytes ahead of the block being multiplied: on Zen 5 the 14336-wide FFN down projection streamed
  * at half the narrow matrices' rate without it (the hardware prefetcher fell behind) and at their rate with it
- * (decode 1.3x); on Zen 3 the same prefetches made decode 10-20% slower. */
+ * (decode 1.3x); on Zen 3 the same prefetches made decode 10-20% slower. L2 rather than L1 (prefetcht1): on Zen 4
+ * 1.03-1.14x for Q6_K's rows. */
 #ifndef GALE_PREFETCH
 #define GALE_PREFETCH 0
 #endif
@@ -283,9 +285,27 @@ typedef struct {
 /* Prefetch `lines` cache lines from p + GALE_PREFETCH (a block record's bytes, lines = ceil(bytes / 64)). */
 static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *p, const int lines) {
 #if GALE_PREFETCH
-    for (int i = 0; i < lines; i++) _mm_prefetch((const char *)p + GALE_PREFETCH + 64 * i, _MM_HINT_T0);
+    for (int i = 0; i < lines; i++) _mm_prefetch((const char *)p + GALE_PREFETCH + 64 * i, _MM_HINT_T1);
 #else
     (void)p, (void)lines;
+#endif
+}
+
+/* The prefetch of the kernels that read R rows side by side (rows8_q4 and the like): the next group of R rows,
+ * whose R * stride bytes follow this group's, in memory order and at this group's pace (R blocks' bytes per
+ * block index b). Its R rows are R interleaved streams, which the hardware prefetchers serve poorly: on Zen 4 a
+ * thread read such a pattern at ~17 GB/s from DRAM against ~31 for one sequential stream, and prefetching each
+ * row GALE_PREFETCH bytes ahead did not help. Ahead of the group, in order, the DRAM sees one sequential stream
+ * per thread: one GEMV from DRAM on two threads 1.08-1.68x (every kind, both 7B shapes), a 7B decode step
+ * 1.21x (Q4_0) and 1.38x (Q4_K_M); into L1 (prefetcht0) 0.63-0.69x, two groups ahead the same as one. The
+ * group after a thread's last (or the matrix's) is prefetched too: a hint, never a fault. */
+static inline __attribute__((always_inline)) void prefetch_next_group(const uint8_t *row0, int64_t stride, const int R,
+                                                                      int64_t b, const int64_t bytes) {
+#if GALE_PREFETCH
+    const char *p = (const char *)row0 + R * stride + b * R * bytes;
+    for (int i = 0; i < (R * bytes + 63) / 64; i++) _mm_prefetch(p + 64 * i, _MM_HINT_T1);
+#else
+    (void)row0, (void)stride, (void)R, (void)b, (void)bytes;
 #endif
 }
 
@@ -515,8 +535,7 @@ static inline __attribute__((always_inline)) void NAME(int64_t kind, const uint8
     for (int v = 0; v < N; v++) acc[v] = P##_setzero_ps(); \
     for (int64_t b = 0; b < nb; b++) { \
         const uint8_t *blk = row0 + bytes * b, *q = block_qs(kind, blk); \
-        if ((b & 3) == 0) \
-            for (int r = 0; r < R; r++) prefetch_ahead(blk + r * stride, 2); \
+        prefetch_next_group(row0, stride, R, b, bytes); \
         VI T[4]; \
         TRANSPOSE(q, stride, T); \
         VI ph[ROWS8_VECTORS], pl[ROWS8_VECTORS]; \
@@ -621,7 +640,7 @@ static inline __attribute__((always_inline)) void rows8_q45k(int64_t kind, const
     for (int v = 0; v < N; v++) acc[v] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row0 + bytes * b;
-        for (int r = 0; r < 8; r++) prefetch_ahead(blk + r * stride, 3); /* 144 or 176 bytes */
+        prefetch_next_group(row0, stride, 8, b, bytes);
         __m256i dm = rows8_dwords(blk, stride, offsets); /* d | dmin << 16 */
         __m256i S[3], sm[4], QH[8];
         for (int i = 0; i < 3; i++) S[i] = rows8_dwords(blk + 4 + 4 * i, stride, offsets);
@@ -687,8 +706,7 @@ static inline __attribute__((always_inline)) void rows8_q8(const uint8_t *row0, 
     for (int v = 0; v < N; v++) acc[v] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row0 + bytes * b;
-        if ((b & 1) == 0)
-            for (int r = 0; r < 8; r++) prefetch_ahead(blk + r * stride, 2); /* two blocks: 68 bytes */
+        prefetch_next_group(row0, stride, 8, b, bytes);
         __m256i T[8];
         transpose_rows8(blk + 2, stride, T);
         __m256i ph[ROWS8_VECTORS], pl[ROWS8_VECTORS];
@@ -834,11 +852,12 @@ static inline __attribute__((always_inline)) void rows_q6k(const uint8_t *row0, 
     __m256 acc[XQ_VECTORS];
     for (int i = 0; i < RN; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
+        if (R > 1) prefetch_next_group(row0, stride, R, b, BLOCK_BYTES[GALE_Q6_K]);
         __m256 fsc[2][2];
         __m256 t[4][XQ_VECTORS]; /* -32 d sum_i sc_i sum(a)_i, then + d sum_i sc_i (q . a)_i */
         for (int r = 0; r < R; r++) {
             const uint8_t *blk = row0 + r * stride + b * BLOCK_BYTES[GALE_Q6_K];
-            prefetch_ahead(blk, 4); /* 210 bytes */
+            if (R == 1) prefetch_ahead(blk, 4); /* 210 bytes */
             __m128i sc = _mm_loadu_si128((const __m128i *)(blk + 192));
             __m256i sc_lo = _mm256_cvtepi8_epi32(sc), sc_hi = _mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8));
             float d = half_at(blk + 208);
