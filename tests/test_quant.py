@@ -662,7 +662,8 @@ def test_avx2_builds_give_this_builds_products(kind, rows, tmp_path):
 @pytest.mark.parametrize("slow_gather", ["0", "1"])
 def test_eight_row_kernels_read_scales_alike_with_or_without_gathers(slow_gather, tmp_path):
     """The eight-row kernels read their rows' scales by a vector gather, or (GALE_SLOW_GATHER: AMD's cores) by
-    eight scalar loads: the same dwords, so the decode step's products are bit for bit the same either way."""
+    eight scalar loads (dwords, or Q4_0 / Q8_0's 16-bit d alone: rows8_d_ps): the same values, so the decode
+    step's products are bit for bit the same either way."""
     import ctypes
 
     dll = variant_library(tmp_path, f"-DGALE_SLOW_GATHER={slow_gather}")

@@ -36,7 +36,7 @@
 #define DPBUSD(acc, u, s) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
 #endif
 /* AMD's cores gather slowly (Zen 4: a vpgatherdd of eight dwords took ~a fifth of rows8_q4's time per block);
- * eight scalar loads into two quadwords do it there (rows8_dwords). -march=native names AMD's cores znver1..5
+ * eight scalar loads do it there (rows8_dwords, rows8_d_ps). -march=native names AMD's cores znver1..5
  * (GCC 12 calls Zen 4 znver3); Intel's gathers are fast enough (scalar loads: 0.90-1.00x there). */
 #ifndef GALE_SLOW_GATHER /* a -D flag may choose (the tests build both) */
 #if defined(__znver1__) || defined(__znver2__) || defined(__znver3__) || defined(__znver4__) || defined(__znver5__)
