@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import struct
 
 import gguf
 import numpy as np
@@ -14,7 +15,8 @@ from transformers import MistralForCausalLM
 from gale.config import ModelArgs
 from gale.model import Transformer
 from gale.weights import CheckpointError, describe_checkpoint, load_model, open_checkpoint, save_hf, save_mistral
-from gale.weights.gguf import gale_to_gguf_name
+from gale.weights import gguf as gguf_module
+from gale.weights.gguf import _Header, gale_to_gguf_name
 
 ARGS = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=96,
                  sliding_window=8, max_seq_len=256)
@@ -258,3 +260,35 @@ def test_gguf_cut_inside_its_vocabulary(smollm2_path, tmp_path):
     for cut in range(300_000, 300_012):
         path.write_bytes(head[:cut])
         expect_error(path, str(path), "past the end")
+
+
+def gguf_with_strings(path, strings: list[bytes]) -> None:
+    """A GGUF v3 file with no tensors and one metadata key: the string array `strings`, written by hand so
+    that it may hold what GGUFWriter would not (a '\\0' inside a string, bytes that are not UTF-8)."""
+    def string(b: bytes) -> bytes:
+        return struct.pack("<Q", len(b)) + b
+    body = string(b"test.strings") + struct.pack("<IIQ", 9, 8, len(strings)) + b"".join(map(string, strings))
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + body)
+
+
+@pytest.mark.parametrize("strings", [
+    [], [b""], [b"hi", b"", b"\xe2\x96\x81the"],  # empty arrays and strings, a multi-byte character
+    [b"a\0b", b"c"],  # a '\0' inside a string: the C packing cannot split it, the Python loop reads it
+    [b"\xff\xfe", b"ok", b"\xe2\x96"],  # not UTF-8: replacement characters, one per bad sequence
+], ids=["none", "one-empty", "plain", "nul-inside", "bad-utf8"])
+def test_gguf_string_arrays_read_the_same_with_and_without_the_c_library(tmp_path, strings, monkeypatch):
+    path = tmp_path / "s.gguf"
+    gguf_with_strings(path, strings)
+    expected = [s.decode("utf-8", "replace") for s in strings]
+    assert _Header(path).metadata["test.strings"] == expected
+    monkeypatch.setattr(gguf_module, "_library", lambda: None)
+    assert _Header(path).metadata["test.strings"] == expected
+
+
+def test_smollm2_header_reads_the_same_with_and_without_the_c_library(smollm2_path, monkeypatch):
+    if gguf_module._library() is None:
+        pytest.skip("no C compiler for the kernels")
+    packed = _Header(smollm2_path).metadata
+    monkeypatch.setattr(gguf_module, "_library", lambda: None)
+    assert _Header(smollm2_path).metadata == packed
+    assert len(packed["tokenizer.ggml.tokens"]) == 49152 and len(packed["tokenizer.ggml.merges"]) > 40000

@@ -351,7 +351,8 @@ def _byte_level_bpe(meta: dict[str, Any]) -> tokenizers.Tokenizer:
     tokens = meta["tokenizer.ggml.tokens"]
     outside = set("".join(tokens)) - set(spelling.values())  # the characters that need respelling
     spelled = outside.isdisjoint  # 4x faster than a regex fullmatch per token (49k tokens: 22 -> 5 ms)
-    vocab = {t if spelled(t) else "".join(spelling[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)}
+    vocab = dict(zip(tokens, range(len(tokens)))) if not outside else {  # the usual case: 2x faster
+        t if spelled(t) else "".join(spelling[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)}
     merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
     tok = tokenizers.Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                                    end_of_word_suffix="", fuse_unk=False))

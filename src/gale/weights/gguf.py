@@ -7,6 +7,7 @@ needed. The header is parsed here rather than by `gguf.GGUFReader`, which takes 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import struct
 from pathlib import Path
@@ -51,6 +52,19 @@ def gale_to_gguf_name(name: str) -> str:
     return f"blk.{i}.{inverse['.'.join(rest[:-1])]}.{rest[-1]}"
 
 
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """csrc/gguf_strings.c's gale_gguf_strings, from the kernels library (gale.quant builds every csrc/*.c)."""
+    from ..quant import kernels
+
+    lib = kernels()
+    if lib is None or not hasattr(lib, "gale_gguf_strings"):
+        return None
+    lib.gale_gguf_strings.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.gale_gguf_strings.restype = ctypes.c_int64
+    return lib
+
+
 class _Header:
     """Metadata and tensor table of a GGUF file (versions 2 and 3)."""
 
@@ -86,8 +100,24 @@ class _Header:
         return bytes(self.mv[self.pos - n:self.pos]).decode("utf-8", errors="replace")
 
     def _strings(self, count: int) -> list[str]:
-        """`count` strings in a row (a vocabulary, its merges): one tight loop. The default model's ~100k took
-        0.2 s read one by one by _string, 0.13 s with int.from_bytes on slices, 0.07 s with struct's reads."""
+        """`count` strings in a row (a vocabulary, its merges). The default model's ~100k took 0.2 s read one by
+        one by _string, 0.07 s in _strings_by_struct's loop, 0.02 s packed by the C library and split once."""
+        lib = _library()
+        span = -1 if lib is None else lib.gale_gguf_strings(self.buf.ctypes.data + self.pos, len(self.mv) - self.pos,
+                                                            count, None)
+        if span < 0:  # no library, or a malformed array: the loop reports where it breaks
+            return self._strings_by_struct(count)
+        packed = np.empty(span - 7 * count, dtype=np.uint8)  # each 8-byte length becomes one '\0' after its string
+        lib.gale_gguf_strings(self.buf.ctypes.data + self.pos, span, count, packed.ctypes.data)
+        out = str(memoryview(packed), "utf-8", "replace").split("\0")
+        if len(out) != count + 1:  # a string held a '\0' itself
+            return self._strings_by_struct(count)
+        self.pos += span
+        return out[:-1]
+
+    def _strings_by_struct(self, count: int) -> list[str]:
+        """_strings in Python: struct reads the lengths, str() decodes each slice (the fastest pure-Python loop:
+        int.from_bytes on slices was 2x slower)."""
         mv, pos, out = self.mv, self.pos, []
         length, append = _U64.unpack_from, out.append
         try:
