@@ -10,12 +10,19 @@ head) and the ideal ratio (scores inside the window only).
   projections; 8 query / 2 KV heads of 128 by default), prefill chunks of W/4, W/2, W and 2W; the chunk-W rows
   run each in a fresh process, so their peak RSS is their own.
 * whole-model rows: a Mistral-shaped model (32 query / 8 KV heads of 128 and dim 4096, as Mistral 7B; 2
-  layers instead of 32, an FFN of 1024 instead of 14336, 1000-token vocabulary, random fp32 weights)
+  layers instead of 32, an FFN of 1024 instead of 14336, 1000-token vocabulary, random fp32 weights; on a GPU
+  `--model-layers 32 --model-hidden 14336` is Mistral 7B's shape, in bf16)
   prefilling in chunks of W, then decoding; `--model-tokens 16384 32768` adds 32k. Its linear layers cost the
   same in both (printed), so the model's ideal ratio is below attention's: (linear + full) / (linear + SWA).
 
+* FlexAttention rows (`--flex`, default on a GPU): the same chunks as one compiled FlexAttention call per
+  sequence under a sliding-window BlockMask (gale.attention.flex_window_attention); its FLOPs count whole
+  128 x 128 tiles. A path that fails (no Triton, say) is reported on stderr and left out.
+
     python benchmarks/attention.py [--tokens 16384 --window 4096 --model-tokens 16384 32768 --threads 2]
     python benchmarks/attention.py --quick      # small sizes
+    python benchmarks/attention.py --device cuda --heads 32 --kv-heads 8 --model-layers 32 --model-hidden 14336 \
+        --model-tokens 16384 32768              # one GPU, bf16, Mistral 7B's shape
 """
 
 from __future__ import annotations
@@ -31,17 +38,32 @@ from pathlib import Path
 
 import torch
 
-from gale.attention import QUERY_BLOCK, scores_computed
-from gale.cache import RollingCache
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # GPU images run it without installing
+from gale.attention import QUERY_BLOCK, flex_scores, pays, scores_computed
+from gale.cache import BatchMeta, RollingCache
 from gale.config import ModelArgs
 from gale.model import Attention, Transformer
 
-PATHS = {"full": (False, QUERY_BLOCK), "full dense": (False, None), "SWA": (True, QUERY_BLOCK),
-         "SWA dense": (True, None)}  # label -> (windowed, query block)
+PATHS = {"full": (False, True, False), "full dense": (False, False, False), "SWA": (True, True, False),
+         "SWA dense": (True, False, False)}  # label -> (windowed, by query blocks (else dense), FlexAttention)
+FLEX_PATHS = {"full flex": (False, True, True), "SWA flex": (True, True, True)}
 
 
-def peak_rss_mb() -> float:
-    """Peak RSS of this process (VmHWM) in MB."""
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock(device: torch.device) -> float:
+    """perf_counter once the device's queued work is done (GPU kernels run asynchronously)."""
+    sync(device)
+    return time.perf_counter()
+
+
+def peak_mb(device: torch.device) -> float:
+    """Peak memory in MB: the GPU's allocated peak since the last reset, or this process's peak RSS (VmHWM)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -61,42 +83,60 @@ def layer_args(a: argparse.Namespace, window: int | None) -> ModelArgs:
                      sliding_window=window)
 
 
+def step_scores(meta: BatchMeta, window: int | None, block: int | None, flex: bool, tiled: bool) -> int:
+    """Query-key scores per head one forward computes on this path (flex: FlexAttention's whole tiles)."""
+    if flex and pays(meta, block):
+        held = [min(s, meta.buffer_len) if meta.buffer_len else 0 for s in meta.starts]
+        return sum(flex_scores(n, h + n, window) for n, h in zip(meta.seqlens, held))
+    return scores_computed(meta, window, block, tiled)
+
+
 def attention_run(a: argparse.Namespace, path: str, chunk: int) -> dict[str, float]:
     """Chunked prefill of `a.tokens` then `a.decode_steps` decode steps through attention alone
     (`Attention.attend`: the cache's reads and writes included, no projections), which is what the FLOP count
-    counts. Each step's random rotated q/k/v are drawn untimed, a step at a time, so the peak RSS is attention's."""
-    windowed, block = PATHS[path]
+    counts. Each step's random rotated q/k/v are drawn untimed, a step at a time, so the peak memory is attention's."""
+    windowed, blocked, flex = {**PATHS, **FLEX_PATHS}[path]
+    block = a.query_block if blocked else None
+    dev, dt = torch.device(a.device), getattr(torch, a.dtype)
     args = layer_args(a, a.window if windowed else None)
     attn = Attention(args).eval()
-    attn.query_block = block
-    cache = RollingCache(args, 1)
-    gen = torch.Generator().manual_seed(0)
+    attn.query_block, attn.flex = block, flex
+    cache = RollingCache(args, 1, device=dev, dtype=dt)
+    gen = torch.Generator(dev).manual_seed(0)
+    tiled = dev.type == "cpu" and dt == torch.float32
 
     def step(n: int) -> tuple[float, int]:
         """One forward of n new tokens: its seconds and the scores it computed per head."""
-        q = torch.randn(n, args.n_heads, args.head_dim, generator=gen)
-        k, v = (torch.randn(n, args.n_kv_heads, args.head_dim, generator=gen) for _ in range(2))
-        t0 = time.perf_counter()
+        q = torch.randn(n, args.n_heads, args.head_dim, generator=gen, device=dev, dtype=dt)
+        k, v = (torch.randn(n, args.n_kv_heads, args.head_dim, generator=gen, device=dev, dtype=dt) for _ in "kv")
+        t0 = clock(dev)
         meta = cache.prepare([0], [n])
         attn.attend(q, k, v, meta, cache, 0)
-        return time.perf_counter() - t0, scores_computed(meta, args.sliding_window, block)
+        return clock(dev) - t0, step_scores(meta, args.sliding_window, block, flex, tiled)
 
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     with torch.inference_mode():
         prefill, scores = map(sum, zip(*(step(min(chunk, a.tokens - i)) for i in range(0, a.tokens, chunk))))
         step(1)  # warm-up, untimed
         decode = sum(step(1)[0] for _ in range(a.decode_steps)) / a.decode_steps
     return {"prefill_s": prefill, "decode_ms": decode * 1e3, "cache_mib": cache.nbytes / 2**20,
-            "gflop": 4 * args.head_dim * args.n_heads * scores / 1e9, "peak_mb": peak_rss_mb()}
+            "gflop": 4 * args.head_dim * args.n_heads * scores / 1e9, "peak_mb": peak_mb(dev)}
 
 
 def interleaved(run: Callable[[str], dict[str, float]], paths: Iterable[str], repeats: int) -> dict[str, dict]:
     """`run(path)` for every path, `repeats` rounds in turn (so a slow minute of a shared VM hits every path),
-    keeping each path's fastest times and its highest peak RSS."""
+    keeping each path's fastest times and its highest peak memory. A path that fails is reported and dropped
+    (FlexAttention may not compile on every install)."""
     paths = list(paths)
     runs: dict[str, list[dict[str, float]]] = {p: [] for p in paths}
     for _ in range(repeats):
-        for p in paths:
-            runs[p].append(run(p))
+        for p in [p for p in paths if p in runs]:
+            try:
+                runs[p].append(run(p))
+            except Exception as e:  # noqa: BLE001 - the other paths' rows still print
+                print(f"{p}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", file=sys.stderr)
+                del runs[p]
     best = {}
     for p, rs in runs.items():
         best[p] = {k: (max if k == "peak_mb" else min)(r[k] for r in rs) for k in rs[0]}
@@ -110,22 +150,28 @@ def in_child(a: argparse.Namespace, path: str, chunk: int) -> dict[str, float]:
     return json.loads(out.splitlines()[-1])
 
 
+def paths_for(a: argparse.Namespace, base: dict) -> dict:
+    return {**base, **FLEX_PATHS} if a.flex else base
+
+
 def attention_table(a: argparse.Namespace) -> None:
     ideal = ideal_scores(a.tokens, None) / ideal_scores(a.tokens, a.window)
+    on_gpu = a.device.startswith("cuda")
+    memory = "peak GPU MB" if on_gpu else "peak RSS MB"
     print(f"\nattention alone (Attention.attend, no projections): {a.heads} query / {a.kv_heads} KV heads of "
-          f"{a.head_dim}, {a.tokens} tokens, "
-          f"W={a.window}, query blocks of {QUERY_BLOCK}, {torch.get_num_threads()} threads; ideal FLOP ratio "
-          f"full / SWA {ideal:.2f}x")
-    print("| chunk | path | prefill s | full / this (time) | attention GFLOP | full / this (FLOPs) | peak RSS MB |")
+          f"{a.head_dim}, {a.tokens} tokens, W={a.window}, query blocks of {a.query_block}, {describe(a)}; ideal "
+          f"FLOP ratio full / SWA {ideal:.2f}x")
+    print(f"| chunk | path | prefill s | full / this (time) | attention GFLOP | full / this (FLOPs) | {memory} |")
     print("|---|---|---|---|---|---|---|")
     decode = {}
     for chunk in sorted({max(1, a.window // 4), max(1, a.window // 2), a.window, 2 * a.window}):
-        fresh = chunk == a.window
-        rows = interleaved(functools.partial(in_child if fresh else attention_run, a, chunk=chunk), PATHS, a.repeats)
+        fresh = chunk == a.window  # CPU: a fresh process, so the peak RSS is the row's own; GPU: reset per run
+        run = in_child if fresh and not on_gpu else attention_run
+        rows = interleaved(functools.partial(run, a, chunk=chunk), paths_for(a, PATHS), a.repeats)
         for p, r in rows.items():
-            peak = f"{r['peak_mb']:.0f}" if fresh else "-"
+            peak = f"{r['peak_mb']:.0f}" if fresh or on_gpu else "-"
             print(f"| {chunk} | {p} | {r['prefill_s']:.3f} | {rows['full']['prefill_s'] / r['prefill_s']:.2f}x | "
-                  f"{r['gflop']:.1f} | {rows['full']['gflop'] / r['gflop']:.2f}x | {peak} |")
+                  f"{r['gflop']:.1f} | {rows['full']['gflop'] / r['gflop']:.2f}x | {peak} |", flush=True)
         if fresh:
             decode = rows
     print(f"\n| one layer at {a.tokens} | full attention | SWA W={a.window} | full / SWA |\n|---|---|---|---|")
@@ -134,49 +180,67 @@ def attention_table(a: argparse.Namespace) -> None:
         print(f"| {label} | {full:.3f} | {swa:.3f} | {full / swa:.2f}x |")
 
 
+def describe(a: argparse.Namespace) -> str:
+    if a.device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(a.device)}, {a.dtype}, torch {torch.__version__}"
+    return f"{a.dtype}, {torch.get_num_threads()} threads"
+
+
 def mistral_shaped(a: argparse.Namespace, tokens: int, window: int | None) -> ModelArgs:
     return ModelArgs(dim=a.model_dim, n_layers=a.model_layers, head_dim=128, hidden_dim=a.model_hidden, n_heads=32,
                      n_kv_heads=8, vocab_size=1000, max_seq_len=tokens + a.decode_steps, sliding_window=window)
 
 
-def model_run(model: Transformer, block: int | None, tokens: int, chunk: int, steps: int) -> dict[str, float]:
+def model_run(model: Transformer, block: int | None, flex: bool, tokens: int, chunk: int, steps: int
+              ) -> dict[str, float]:
     """Chunked prefill of `tokens` random ids (last logits only), then `steps` decode steps."""
     for layer in model.layers:
-        layer.attention.query_block = block
-    args = model.args
-    cache = RollingCache(args, 1)
-    ids = torch.randint(0, args.vocab_size, (tokens + steps,), generator=torch.Generator().manual_seed(0))
-    scores = 0
+        layer.attention.query_block, layer.attention.flex = block, flex
+    args, dev = model.args, model.device
+    cache = RollingCache(args, 1, device=dev, dtype=model.dtype)
+    ids = torch.randint(0, args.vocab_size, (tokens + steps,), generator=torch.Generator().manual_seed(0)).to(dev)
+    tiled, scores = dev.type == "cpu" and model.dtype == torch.float32, 0
     with torch.inference_mode():
-        t0 = time.perf_counter()
+        t0 = clock(dev)
         for i in range(0, tokens, chunk):
             meta = cache.prepare([0], [min(chunk, tokens - i)])
-            scores += scores_computed(meta, args.sliding_window, block)
+            scores += step_scores(meta, args.sliding_window, block, flex, tiled)
             model(ids[i : min(i + chunk, tokens)], meta, cache, last_only=True)
-        prefill = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        prefill = clock(dev) - t0
+        t0 = clock(dev)
         for t in range(tokens, tokens + steps):
             model(ids[t : t + 1], cache.prepare([0], [1]), cache)
-        decode = (time.perf_counter() - t0) / steps
+        decode = (clock(dev) - t0) / steps
     gflop = 4 * args.head_dim * args.n_heads * args.n_layers * scores / 1e9
     return {"prefill_s": prefill, "decode_ms": decode * 1e3, "attn_gflop": gflop}
 
 
 def model_table(a: argparse.Namespace) -> None:
+    dev, dt = torch.device(a.device), getattr(torch, a.dtype)
     probe = mistral_shaped(a, 1, a.window)
-    torch.manual_seed(0)
-    swa = Transformer(probe).eval()
+    with torch.device("meta"):  # then drawn in place on the device: no fp32 copy of a 7B model
+        swa = Transformer(probe).to(dt)
+    swa = swa.to_empty(device=dev).eval()
+    g = torch.Generator(dev).manual_seed(0)
+    for name, t in swa.named_parameters():  # N(0, 0.02) as HF initialises, norms near 1
+        t.requires_grad_(False)
+        t.uniform_(0.5, 1.5, generator=g) if name.endswith("norm.weight") else t.normal_(0.0, 0.02, generator=g)
     linear = sum(p.numel() for n, p in swa.named_parameters() if n.startswith("layers.") and p.dim() == 2)
     print(f"\nwhole model: dim {a.model_dim}, 32 query / 8 KV heads of 128 (Mistral 7B's), {a.model_layers} layers, "
-          f"FFN {a.model_hidden}, vocab 1000, fp32, prefill chunks of W={a.window}, {torch.get_num_threads()} threads")
+          f"FFN {a.model_hidden}, vocab 1000, random weights, prefill chunks of W={a.window}, {describe(a)}")
     print("| tokens | path | prefill s | full / this | attention GFLOP | + linear GFLOP | ideal ratio: attention, "
           "model | decode ms/token | full / this |")
     print("|---|---|---|---|---|---|---|---|---|")
     for tokens in a.model_tokens:
-        full = Transformer(mistral_shaped(a, tokens, None)).eval()
-        full.load_state_dict(swa.state_dict(), assign=True)  # the same weights, shared
+        with torch.device("meta"):  # the same weights, shared: no second copy
+            full = Transformer(mistral_shaped(a, tokens, None)).to(dt)
+        full.load_state_dict(swa.state_dict(), assign=True)
+        full.eval()
         swa.args = mistral_shaped(a, tokens, a.window)
-        paths = {"full": (full, QUERY_BLOCK), "SWA": (swa, QUERY_BLOCK), "SWA dense": (swa, None)}
+        qb = a.query_block
+        paths = {"full": (full, qb, False), "SWA": (swa, qb, False), "SWA dense": (swa, None, False)}
+        if a.flex:
+            paths |= {"full flex": (full, qb, True), "SWA flex": (swa, qb, True)}
         runs = interleaved(lambda p, paths=paths, tokens=tokens: model_run(*paths[p], tokens, a.window, a.decode_steps),
                            paths, a.repeats)
         lin = 2 * linear * tokens / 1e9
@@ -187,7 +251,8 @@ def model_table(a: argparse.Namespace) -> None:
             f = runs["full"]
             print(f"| {tokens} | {p} | {r['prefill_s']:.2f} | {f['prefill_s'] / r['prefill_s']:.2f}x | "
                   f"{r['attn_gflop']:.0f} | {lin:.0f} | {ideal} | {r['decode_ms']:.1f} | "
-                  f"{f['decode_ms'] / r['decode_ms']:.2f}x |")
+                  f"{f['decode_ms'] / r['decode_ms']:.2f}x |", flush=True)
+        del full
 
 
 def main() -> None:
@@ -204,7 +269,13 @@ def main() -> None:
     p.add_argument("--model-layers", type=int, default=2)
     p.add_argument("--model-hidden", type=int, default=1024, help="the model's FFN width")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--query-block", type=int, default=QUERY_BLOCK, help="chunks longer than this attend by "
+                   "query blocks of this many (or, flex, as one FlexAttention call); shorter ones densely")
     p.add_argument("--repeats", type=int, default=3, help="rounds over the paths, in turn; each path's fastest")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU)")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    p.add_argument("--flex", action=argparse.BooleanOptionalAction, default=None,
+                   help="add FlexAttention rows (default: on a GPU only; on the CPU it runs unfused)")
     p.add_argument("--quick", action="store_true", help="2048 tokens, W=512, a 1024-token model run")
     p.add_argument("--child", help=argparse.SUPPRESS)  # one attention-only run in this process (in_child)
     a = p.parse_args()
@@ -215,6 +286,9 @@ def main() -> None:
         attention_run(*run)  # warm-up: a fresh process's first run pays page faults and kernel set-up (~2 s)
         print(json.dumps(attention_run(*run)))  # the same sizes again: the peak RSS is unchanged
         return
+    on_gpu = a.device.startswith("cuda")
+    a.dtype = a.dtype or ("bfloat16" if on_gpu else "float32")
+    a.flex = on_gpu if a.flex is None else a.flex
     if a.quick:
         a.tokens, a.window, a.model_tokens, a.decode_steps, a.repeats = 2048, 512, [1024], 4, 1
     if a.model_tokens is None:

@@ -9,7 +9,18 @@ import torch
 from test_engine import CharTokenizer, reference_greedy
 from test_model import assert_close, assert_sees_exactly_w_keys, chunked, hf_logits, reference_pair, tiny_args
 
-from gale.attention import _tiled_block, band_mask, block_ranges, scores_computed, tile_window, window_attention
+from gale.attention import (
+    FLEX_TILE,
+    _tiled_block,
+    band_mask,
+    block_ranges,
+    flex_scores,
+    flex_window_attention,
+    scores_computed,
+    tile_window,
+    window_attention,
+    window_block_mask,
+)
 from gale.cache import RollingCache, plan
 from gale.config import ModelArgs
 from gale.engine import Engine
@@ -17,12 +28,14 @@ from gale.model import Transformer
 from gale.prefix import PrefixCache
 from gale.sampling import SamplingParams
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # FlexAttention on the CPU: unfused on purpose here
+              pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")]
 
 
-def set_block(model: Transformer, block: int | None) -> Transformer:
+def set_block(model: Transformer, block: int | None, flex: bool = False) -> Transformer:
     for layer in model.layers:
         layer.attention.query_block = block
+        layer.attention.flex = flex
     return model
 
 
@@ -245,3 +258,43 @@ def test_block_path_never_builds_the_dense_mask():
             assert ("mask" not in meta.__dict__) == blocks, n
     meta = plan([2], [5], 4, capacity=4, slots=[0])  # positions 5, 6; buffer indices 0..3 hold 4, 1, 2, 3
     assert meta.mask.int().tolist() == [[[[1, 0, 1, 1, 1, 0], [1, 0, 0, 1, 1, 1]]]]
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 5, 16, None])
+def test_flex_equals_the_naive_softmax(window):
+    """FlexAttention's unfused reference on the CPU (the GPU compiles the same call) under the window's BlockMask,
+    with lengths across its 128-wide tiles."""
+    g = torch.Generator().manual_seed(window or 0)
+    for n_q, held in [(1, 0), (1, 16), (7, 0), (20, 16), (130, 5), (200, 16)]:
+        if window and held > window:
+            continue
+        q = torch.randn(n_q, 4, 8, generator=g)
+        keys, values = torch.randn(2, held + n_q, 8, generator=g), torch.randn(2, held + n_q, 8, generator=g)
+        got = flex_window_attention(q, keys, values, window, {})
+        assert (got - naive(q, keys, values, window)).abs().max() < 1e-5, (n_q, held)
+
+
+def test_window_block_mask_docstring_example():
+    mask = window_block_mask(3, 5, 4, torch.device("cpu"))
+    q, k = torch.arange(3)[:, None], torch.arange(5)[None, :]
+    seen = mask.mask_mod(torch.tensor(0), torch.tensor(0), q, k).int().tolist()
+    assert seen == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [0, 1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("window", [1, 3, 7, None])
+def test_flex_model_equals_the_dense_path(window):
+    """The model's flex path over the rolling buffer (chunks below, at and above the window) against dense."""
+    model = reference_pair(tiny_args(sliding_window=window, n_layers=1), seed=4)[1]
+    tokens = torch.randint(0, 101, (40,), generator=torch.Generator().manual_seed(4))
+    dense = chunked(set_block(model, None), tokens, 1)
+    for chunk in (3, 8, 40):
+        assert_close(chunked(set_block(model, 2, flex=True), tokens, chunk), dense)
+
+
+def test_flex_scores_counts_whole_tiles():
+    t = FLEX_TILE
+    assert flex_scores(1, 1, None) == 1
+    assert flex_scores(2 * t, 2 * t, None) == t * t + t * 2 * t  # causal: the diagonal tiles in full
+    # W = t after t held keys: the first tile row reaches keys 1..2t-1 (tiles 0, 1), the second t+1..3t-1 (1, 2)
+    assert flex_scores(2 * t, 3 * t, t) == 2 * (t * 2 * t)
+    assert flex_scores(10, 3 * t, t) == 10 * (3 * t - t)  # ten queries at keys 3t-10.. reach from 2t-9: tiles 1, 2

@@ -16,12 +16,18 @@ read. Two ways to run a block:
 Same arithmetic as the dense path (fp32 softmax over the keys a query sees; hidden keys add nothing), so the
 numbers agree to rounding. The band path is PyTorch's SDPA over contiguous slices, the same code on any device,
 no compilation. On a GPU SDPA dispatches each block to its flash or memory-efficient kernel (they take a float
-mask); FlexAttention with a sliding-window BlockMask would skip the masked tiles inside one kernel, but it
-needs `torch.compile` and could not be measured here (no GPU in this session), so it is not used
-(benchmarks/NOTES.md).
+mask).
+* flex (`flex_window_attention`, opt-in: `Attention.flex`): one FlexAttention call per sequence over all its keys
+  under a sliding-window BlockMask, which skips the key tiles no query of a tile row sees and runs the fully
+  visible ones without evaluating the mask. Fast only compiled (`torch.compile`, Triton on a GPU), so the CPU
+  path never takes it by default; benchmarks/attention.py measures it against the band path on a GPU
+  (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +139,7 @@ def window_attention(
     values: torch.Tensor,
     window: int | None,
     block: int,
-    masks: dict[tuple, torch.Tensor | None],
+    masks: dict[tuple, object],
     tiled: bool = False,
 ) -> torch.Tensor:
     """One sequence's attention by query blocks: q `[C, heads, d]`, keys/values `[kv_heads, K, d]` in position
@@ -159,6 +165,63 @@ def window_attention(
     return torch.cat(outs, dim=2)[0].transpose(0, 1)
 
 
+FLEX_TILE = 128  # FlexAttention's default tile: BlockMask blocks are FLEX_TILE queries x FLEX_TILE keys
+
+
+def window_block_mask(n_queries: int, n_keys: int, window: int | None, device: torch.device) -> object:
+    """FlexAttention BlockMask for C queries over keys in position order that end with the queries' own (query
+    r is key `n_keys - n_queries + r`): each sees itself and the `window - 1` keys before it (all before it
+    without a window). Tiles wholly outside every query's window are skipped; wholly inside, run unmasked.
+
+    Example: window 4, 2 buffered keys then 3 queries (n_keys 5): query 0 (key 2) sees keys 0..2, query 2
+    (key 4) keys 1..4.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    own = torch.tensor(n_keys - n_queries, device=device)  # a tensor: a compiled call does not recompile per value
+
+    def visible(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        seen = k <= q + own
+        return seen if window is None else seen & (k > q + own - window)
+
+    return create_block_mask(visible, None, None, n_queries, n_keys, device=device, BLOCK_SIZE=FLEX_TILE)
+
+
+@functools.cache
+def _flex(device_type: str) -> Callable[..., torch.Tensor]:
+    """flex_attention, compiled where it has a fused kernel (CUDA, via Triton); elsewhere PyTorch's unfused
+    reference (the same numbers, slow: the CPU tests' path)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
+
+
+def flex_window_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, window: int | None, masks: dict[tuple, object]
+) -> torch.Tensor:
+    """One sequence's attention as one FlexAttention call: q `[C, heads, d]`, keys/values `[kv_heads, K, d]` in
+    position order ending with the C queries' own -> `[C, heads, d]`. `masks` memoizes the BlockMask by shape,
+    so the layers of one forward build it once."""
+    shape = ("flex", q.shape[0], keys.shape[1], window)
+    if shape not in masks:
+        masks[shape] = window_block_mask(q.shape[0], keys.shape[1], window, q.device)
+    out = _flex(q.device.type)(q.transpose(0, 1)[None], keys[None], values[None], block_mask=masks[shape],
+                               enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+def flex_scores(n_queries: int, n_keys: int, window: int | None) -> int:
+    """Query-key scores FlexAttention computes for one head: every tile (FLEX_TILE x FLEX_TILE, clipped to the
+    sizes) that some query of its row sees, in full."""
+    own, total = n_keys - n_queries, 0
+    for q0 in range(0, n_queries, FLEX_TILE):
+        q1 = min(q0 + FLEX_TILE, n_queries)
+        k0 = 0 if window is None else max(0, own + q0 - window + 1)
+        k0, k1 = k0 // FLEX_TILE * FLEX_TILE, min(n_keys, -(-(own + q1) // FLEX_TILE) * FLEX_TILE)
+        total += (q1 - q0) * (k1 - k0)
+    return total
+
+
 def prefill_by_blocks(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -168,9 +231,11 @@ def prefill_by_blocks(
     layer: int,
     window: int | None,
     block: int,
+    flex: bool = False,
 ) -> torch.Tensor:
     """Packed q `[N, heads, d]`, k/v `[N, kv_heads, d]` -> packed attention output `[N, heads, d]`, one
-    sequence at a time (no padding: each keeps its own length), each over its buffer then its own chunk."""
+    sequence at a time (no padding: each keeps its own length), each over its buffer then its own chunk:
+    by query blocks, or (`flex`) as one FlexAttention call."""
     # The tiles call torch's CPU flash kernel directly (inference: its backward is not needed, nor promised)
     tiled = q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_grad_enabled() and _CPU_FLASH
     outs, offset = [], 0
@@ -182,7 +247,10 @@ def prefill_by_blocks(
             old_k, old_v = cache.history(layer, meta.slot_ids[b], meta.starts[b])
             keys = torch.cat((*old_k, keys), dim=1).to(q.dtype)
             values = torch.cat((*old_v, values), dim=1).to(q.dtype)
-        outs.append(window_attention(q[rows], keys, values, window, block, meta.block_masks, tiled))
+        if flex:
+            outs.append(flex_window_attention(q[rows], keys, values, window, meta.block_masks))
+        else:
+            outs.append(window_attention(q[rows], keys, values, window, block, meta.block_masks, tiled))
     return torch.cat(outs)
 
 

@@ -53,8 +53,9 @@ class BatchMeta:
     write_idx: torch.Tensor | None  # [M] their buffer index (position % capacity)
     starts: list[int]  # tokens each sequence held before this step (its first new position)
     slot_ids: list[int] | None  # the slots as a list (None without a cache)
-    # gale.attention's block masks, built by the first layer of a forward and reused by the others
-    block_masks: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
+    # gale.attention's band masks (tensors or None) and FlexAttention BlockMasks, keyed by shape: built by the
+    # first layer of a forward and reused by the others
+    block_masks: dict[tuple, object] = field(default_factory=dict)
 
     @functools.cached_property
     def mask(self) -> torch.Tensor:

@@ -65,6 +65,9 @@ class Attention(nn.Module):
         # Prefill chunks longer than this attend by query blocks over the keys their window reaches
         # (gale.attention); None keeps the dense masked path for every chunk (the benchmark's baseline).
         self.query_block: int | None = QUERY_BLOCK
+        # Those chunks as one FlexAttention call per sequence instead of query blocks (compiled on a GPU; see
+        # gale.attention and benchmarks/attention.py for when it pays)
+        self.flex = False
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -100,7 +103,8 @@ class Attention(nn.Module):
             return out.reshape(n, -1)
 
         if pays(meta, self.query_block):
-            out = prefill_by_blocks(q, k, v, meta, cache, layer, self.window, self.query_block).reshape(n, -1)
+            out = prefill_by_blocks(q, k, v, meta, cache, layer, self.window, self.query_block, self.flex)
+            out = out.reshape(n, -1)
         else:
             keys, values = to_padded(k, meta), to_padded(v, meta)
             if meta.buffer_len:
