@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gale.cache import CacheFullError, RollingCache, _buffer_positions, plan
+from gale.cache import CacheFullError, RollingCache, _buffer_positions, lazy_zeros, plan
 from gale.config import ModelArgs
 
 TINY = ModelArgs(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=50,
@@ -135,3 +135,19 @@ def test_plan_docstring_example():
     assert meta.mask[1, 0, 1].int().tolist() == [0, 0, 0, 0, 1, 1, 0]
     assert meta.write_src.tolist() == [0, 1, 2, 3, 4] and meta.write_slot.tolist() == [0, 0, 0, 1, 1]
     assert meta.write_idx.tolist() == [2, 3, 0, 0, 1]
+
+
+def _rss_mb() -> float:
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_lazy_zeros_are_zeros_whose_pages_cost_nothing_until_written(dtype):
+    shape = (4, 2, 1 << 20, 4)  # 32M entries: 64-128 MB
+    before = _rss_mb()
+    t = lazy_zeros(shape, torch.device("cpu"), dtype)
+    assert t.shape == shape and t.dtype == dtype
+    assert _rss_mb() - before < 16  # torch.zeros would add the whole tensor
+    t[0, 0, :1000] = 1.5
+    assert t[0, 0, :1000].eq(1.5).all() and t.count_nonzero().item() == 4000
+    assert t[1:].count_nonzero().item() == 0
