@@ -14,7 +14,7 @@ import unittest.mock
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -24,13 +24,21 @@ from ..config import ModelArgs, to_hf_config, to_params_json
 from ..gguf_lib import GGMLQuantizationType
 from ..model import Transformer
 from .checkpoint import Checkpoint, CheckpointError
-from .export import write_gguf
 from .gguf import open_gguf
 from .hf import is_hf_folder, open_hf, to_hf
 from .mistral import is_mistral_folder, open_mistral
 from .quantized import quantized_view
 
 T = TypeVar("T")
+
+
+def __getattr__(name: str) -> Any:
+    """`write_gguf` on first use: the GGUF writer imports all of `gguf` (gale.gguf_lib), which loading does not need."""
+    if name == "write_gguf":
+        from .export import write_gguf
+
+        return write_gguf
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 GGML_TYPES = frozenset(t.name for t in GGMLQuantizationType)
 
 __all__ = ["Checkpoint", "CheckpointError", "describe_checkpoint", "load_model", "model_shapes", "open_checkpoint",

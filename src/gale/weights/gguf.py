@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import gguf_lib
 from ..config import from_gguf_metadata
-from ..gguf_lib import GGML_QUANT_SIZES, GGMLQuantizationType, gguf
+from ..gguf_lib import GGML_QUANT_SIZES, GGMLQuantizationType
 from .checkpoint import Checkpoint, CheckpointError
 
 _U64 = struct.Struct("<Q")
@@ -173,12 +174,13 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], _Header]:
 
 @functools.cache
 def dequantize_supported(kind: GGMLQuantizationType) -> bool:
-    """Whether `gguf` can dequantize this type (probed on one zero block, so new gguf releases just work)."""
-    if kind in _PLAIN:
+    """Whether this type can be dequantized: ours, or `gguf`'s (probed on one zero block, so new gguf releases
+    just work; the probe imports the whole library, so the default model's types skip it)."""
+    if kind in _PLAIN or kind in _FAST:
         return True
     block, size = GGML_QUANT_SIZES[kind]
     try:
-        gguf.quants.dequantize(np.zeros((1, size), dtype=np.uint8), kind)
+        gguf_lib.gguf.quants.dequantize(np.zeros((1, size), dtype=np.uint8), kind)
     except (NotImplementedError, ValueError, KeyError):
         return False
     return True
@@ -206,7 +208,8 @@ def dequantize_blocks(raw: np.ndarray, kind: str | GGMLQuantizationType, shape: 
     kind = GGMLQuantizationType[kind] if isinstance(kind, str) else kind
     if kind in _FAST:
         return _dequantize_legacy(raw, kind).reshape(shape)
-    return torch.from_numpy(np.array(raw) if kind in _PLAIN else gguf.quants.dequantize(raw, kind)).reshape(shape)
+    values = np.array(raw) if kind in _PLAIN else gguf_lib.gguf.quants.dequantize(raw, kind)
+    return torch.from_numpy(values).reshape(shape)
 
 
 def _read_tensor(header: _Header, name: str) -> torch.Tensor:
