@@ -5,6 +5,7 @@ import torch
 
 import gale
 from gale.llm import default_model_path
+from gale.weights import CheckpointError
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -74,3 +75,28 @@ def test_safe_mode_prepends_the_guardrail(smollm2_llm):
 def test_load_dtype_errors():
     with pytest.raises(ValueError, match="dtype"):
         gale.load(dtype="int3")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_load_pauses_the_collector_and_restores_it(smollm2_path, monkeypatch, enabled):
+    import gc
+
+    import gale.llm
+
+    seen = []
+    real = gale.llm.load_tokenizer
+
+    def spy(*a, **kw):
+        seen.append(gc.isenabled())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(gale.llm, "load_tokenizer", spy)
+    gc.enable() if enabled else gc.disable()
+    try:
+        gale.load(smollm2_path, progress=False, max_seqs=1)
+        assert seen == [False] and gc.isenabled() == enabled
+        with pytest.raises(CheckpointError):
+            gale.load(smollm2_path.with_name("missing.gguf"), progress=False)
+        assert gc.isenabled() == enabled  # restored when a load fails too
+    finally:
+        gc.enable()
