@@ -142,6 +142,9 @@ CHECKS: dict[str, Check] = {
     "python benchmarks/cpu.py --threads 2 --repeats 1 --engines": Check("parse", why="a 4 GB synthetic model"),
     "python benchmarks/gpu.py": Check("parse", why="an 80 GB GPU; tests/test_gpu_bench.py runs it on the CPU, --tiny"),
     "python benchmarks/gpu.py --quick": Check("parse", why="an 80 GB GPU; tests/test_gpu_bench.py runs it, --tiny"),
+    "python benchmarks/attention.py --device cuda --heads 32 --kv-heads 8 --model-layers 32 --model-hidden 14336 "
+    "--model-tokens 16384 32768 --repeats 2": Check(
+        "parse", why="a GPU and 7B in bf16; tests/test_attention_bench.py runs every path on the CPU, tiny"),
 }
 PLACEHOLDERS = {"N": "2", "THRESHOLD": "0.5", "KEY": "secret", "PATH": "model.gguf", "ADAPTER": "run/adapter"}
 COMMANDS = readme_commands((ROOT / "README.md").read_text(encoding="utf-8"))

@@ -144,16 +144,19 @@ def _cpu_name() -> str:
 
 def prefetch_bytes() -> int:
     """How far ahead (bytes) the kernels prefetch the weights they stream one row at a time: GALE_PREFETCH if set
-    (0: no prefetch at all), else PREFETCH_BYTES on CPUs with AVX-512 and none elsewhere; the kernels that read
-    rows side by side (eight or sixteen; Q6_K's pairs) prefetch their next group of rows instead whenever it is
-    not 0 (kernels.c's prefetch_next_group: on Zen 4 a 7B decode step 1.21-1.38x). Measured
+    (0: no prefetch at all), else PREFETCH_BYTES on CPUs with AVX-512 and on AMD's, none elsewhere; the kernels
+    that read rows side by side (eight or sixteen; Q6_K's pairs) prefetch their next group of rows instead
+    whenever it is not 0 (kernels.c's prefetch_next_group: on Zen 4 a 7B decode step 1.21-1.38x). Measured
     (benchmarks/NOTES.md): on Zen 5 (AVX-512) a 7B decode step ran 1.3x faster with it, the 14336-wide FFN
-    matrices 1.9x; on Zen 3 (AVX2 only) the same prefetches made decode 10-20% slower. On a 2-core AMX Xeon VM
-    7B decode ran 1.6x faster with it (8-64 KB alike). On Zen 4, one 7B GEMV from DRAM: none 0.74-1.01x, 4 KB
-    0.66-0.88x, 32-64 KB 0.98-1.06x of 16 KB (before the eight-row kernels prefetched their next rows)."""
+    matrices 1.9x; on Zen 3 (AVX2 only) the same prefetches made decode 10-20% slower in session 7, and 7B
+    decode 1.17x (Q4_0) / 1.10x (Q4_K_M) faster with session 19's kernels (Intel CPUs without AVX-512: not
+    measured, so none there). On a 2-core AMX Xeon VM 7B decode ran 1.6x faster with it (8-64 KB alike). On
+    Zen 4, one 7B GEMV from DRAM: none 0.74-1.01x, 4 KB 0.66-0.88x, 32-64 KB 0.98-1.06x of 16 KB (before the
+    eight-row kernels prefetched their next rows)."""
     if "GALE_PREFETCH" in os.environ:
         return int(os.environ["GALE_PREFETCH"])
-    return PREFETCH_BYTES if " avx512f" in _cpu_name() else 0
+    cpu = _cpu_name()
+    return PREFETCH_BYTES if " avx512f" in cpu or "AMD" in cpu.split("\n")[0] else 0
 
 
 @functools.cache
