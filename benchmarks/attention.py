@@ -39,19 +39,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # GPU images run it without installing
-from gale.attention import QUERY_BLOCK, flex_scores, pays, scores_computed
-from gale.cache import BatchMeta, RollingCache
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu import sync  # the sibling GPU benchmark's
+
+from gale.attention import QUERY_BLOCK, scores_computed
+from gale.cache import RollingCache
 from gale.config import ModelArgs
 from gale.model import Attention, Transformer
 
 PATHS = {"full": (False, True, False), "full dense": (False, False, False), "SWA": (True, True, False),
          "SWA dense": (True, False, False)}  # label -> (windowed, by query blocks (else dense), FlexAttention)
 FLEX_PATHS = {"full flex": (False, True, True), "SWA flex": (True, True, True)}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def clock(device: torch.device) -> float:
@@ -83,14 +81,6 @@ def layer_args(a: argparse.Namespace, window: int | None) -> ModelArgs:
                      sliding_window=window)
 
 
-def step_scores(meta: BatchMeta, window: int | None, block: int | None, flex: bool, tiled: bool) -> int:
-    """Query-key scores per head one forward computes on this path (flex: FlexAttention's whole tiles)."""
-    if flex and pays(meta, block):
-        held = [min(s, meta.buffer_len) if meta.buffer_len else 0 for s in meta.starts]
-        return sum(flex_scores(n, h + n, window) for n, h in zip(meta.seqlens, held))
-    return scores_computed(meta, window, block, tiled)
-
-
 def attention_run(a: argparse.Namespace, path: str, chunk: int) -> dict[str, float]:
     """Chunked prefill of `a.tokens` then `a.decode_steps` decode steps through attention alone
     (`Attention.attend`: the cache's reads and writes included, no projections), which is what the FLOP count
@@ -112,7 +102,7 @@ def attention_run(a: argparse.Namespace, path: str, chunk: int) -> dict[str, flo
         t0 = clock(dev)
         meta = cache.prepare([0], [n])
         attn.attend(q, k, v, meta, cache, 0)
-        return clock(dev) - t0, step_scores(meta, args.sliding_window, block, flex, tiled)
+        return clock(dev) - t0, scores_computed(meta, args.sliding_window, block, tiled, flex)
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -150,10 +140,6 @@ def in_child(a: argparse.Namespace, path: str, chunk: int) -> dict[str, float]:
     return json.loads(out.splitlines()[-1])
 
 
-def paths_for(a: argparse.Namespace, base: dict) -> dict:
-    return {**base, **FLEX_PATHS} if a.flex else base
-
-
 def attention_table(a: argparse.Namespace) -> None:
     ideal = ideal_scores(a.tokens, None) / ideal_scores(a.tokens, a.window)
     on_gpu = a.device.startswith("cuda")
@@ -163,11 +149,11 @@ def attention_table(a: argparse.Namespace) -> None:
           f"FLOP ratio full / SWA {ideal:.2f}x")
     print(f"| chunk | path | prefill s | full / this (time) | attention GFLOP | full / this (FLOPs) | {memory} |")
     print("|---|---|---|---|---|---|---|")
-    decode = {}
+    decode, paths = {}, {**PATHS, **FLEX_PATHS} if a.flex else PATHS
     for chunk in sorted({max(1, a.window // 4), max(1, a.window // 2), a.window, 2 * a.window}):
         fresh = chunk == a.window  # CPU: a fresh process, so the peak RSS is the row's own; GPU: reset per run
         run = in_child if fresh and not on_gpu else attention_run
-        rows = interleaved(functools.partial(run, a, chunk=chunk), paths_for(a, PATHS), a.repeats)
+        rows = interleaved(functools.partial(run, a, chunk=chunk), paths, a.repeats)
         for p, r in rows.items():
             peak = f"{r['peak_mb']:.0f}" if fresh or on_gpu else "-"
             print(f"| {chunk} | {p} | {r['prefill_s']:.3f} | {rows['full']['prefill_s'] / r['prefill_s']:.2f}x | "
@@ -204,7 +190,7 @@ def model_run(model: Transformer, block: int | None, flex: bool, tokens: int, ch
         t0 = clock(dev)
         for i in range(0, tokens, chunk):
             meta = cache.prepare([0], [min(chunk, tokens - i)])
-            scores += step_scores(meta, args.sliding_window, block, flex, tiled)
+            scores += scores_computed(meta, args.sliding_window, block, tiled, flex)
             model(ids[i : min(i + chunk, tokens)], meta, cache, last_only=True)
         prefill = clock(dev) - t0
         t0 = clock(dev)

@@ -213,12 +213,9 @@ def flex_window_attention(
 def flex_scores(n_queries: int, n_keys: int, window: int | None) -> int:
     """Query-key scores FlexAttention computes for one head: every tile (FLEX_TILE x FLEX_TILE, clipped to the
     sizes) that some query of its row sees, in full."""
-    own, total = n_keys - n_queries, 0
-    for q0 in range(0, n_queries, FLEX_TILE):
-        q1 = min(q0 + FLEX_TILE, n_queries)
-        k0 = 0 if window is None else max(0, own + q0 - window + 1)
-        k0, k1 = k0 // FLEX_TILE * FLEX_TILE, min(n_keys, -(-(own + q1) // FLEX_TILE) * FLEX_TILE)
-        total += (q1 - q0) * (k1 - k0)
+    total = 0
+    for q0, q1, k0, k1 in block_ranges(n_queries, n_keys, window, FLEX_TILE):  # the keys each tile row reaches
+        total += (q1 - q0) * (min(n_keys, -(-k1 // FLEX_TILE) * FLEX_TILE) - k0 // FLEX_TILE * FLEX_TILE)
     return total
 
 
@@ -254,10 +251,12 @@ def prefill_by_blocks(
     return torch.cat(outs)
 
 
-def scores_computed(meta: BatchMeta, window: int | None, block: int | None, tiled: bool = True) -> int:
+def scores_computed(
+    meta: BatchMeta, window: int | None, block: int | None, tiled: bool = True, flex: bool = False
+) -> int:
     """Query-key scores one attention head computes for this forward (the benchmark's FLOP count: 4 d per
     score): what `prefill_by_blocks` covers (`tiled`: as on the CPU in inference; the kernel's causal tiles
-    add a little), or the dense path's padded [B, Cmax] x [buffer ; chunk]."""
+    add a little; `flex`: FlexAttention's whole tiles), or the dense path's padded [B, Cmax] x [buffer ; chunk]."""
     if meta.decode:
         return meta.batch_size * meta.buffer_len
     if not pays(meta, block):
@@ -265,6 +264,9 @@ def scores_computed(meta: BatchMeta, window: int | None, block: int | None, tile
     total = 0
     for n, start in zip(meta.seqlens, meta.starts):
         held = min(start, meta.buffer_len) if meta.buffer_len else 0
+        if flex:
+            total += flex_scores(n, held + n, window)
+            continue
         for q0, q1, k0, k1 in block_ranges(n, held + n, window, block):
             reach = tile_window(held + q0, q1 - q0, window) if tiled else False
             if reach is False:

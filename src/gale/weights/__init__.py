@@ -31,6 +31,11 @@ from .quantized import quantized_view
 
 T = TypeVar("T")
 
+GGML_TYPES = frozenset(t.name for t in GGMLQuantizationType)
+
+__all__ = ["Checkpoint", "CheckpointError", "describe_checkpoint", "load_model", "model_shapes", "open_checkpoint",
+           "quantized_view", "save_hf", "save_mistral", "write_gguf"]
+
 
 def __getattr__(name: str) -> Any:
     """`write_gguf` on first use: the GGUF writer imports all of `gguf` (gale.gguf_lib), which loading does not need."""
@@ -39,10 +44,6 @@ def __getattr__(name: str) -> Any:
 
         return write_gguf
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-GGML_TYPES = frozenset(t.name for t in GGMLQuantizationType)
-
-__all__ = ["Checkpoint", "CheckpointError", "describe_checkpoint", "load_model", "model_shapes", "open_checkpoint",
-           "quantized_view", "save_hf", "save_mistral", "write_gguf"]
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
