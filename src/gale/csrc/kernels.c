@@ -35,6 +35,19 @@
 #define GALE_VNNI 0
 #define DPBUSD(acc, u, s) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
 #endif
+/* The eight-row kernels' sums of 4-bit (or 5-bit) weights times byte planes. Without VNNI, vpmaddubsw's int16
+ * pair sums accumulate in int16 (vpaddw) and widen to int32 once per block or sub-block (WIDEN16: vpmaddwd by
+ * 1, or by the sub-block's scale), not after every product: half the multiplies of DPBUSD's two-instruction
+ * form. Bounds: a pair sum is at most 2 * 31 * 128 = 7936 for 5-bit weights, so four steps stay below int16's
+ * 32767 (Q5_K), and 2 * 15 * 128 = 3840 for 4-bit ones, so eight do (a 32-column block of Q4_0 / Q4_1, a
+ * 64-column step of Q4_K). With VNNI both are vpdpbusd's int32 sums as they are. */
+#if GALE_VNNI
+#define DP16 DPBUSD
+#define WIDEN16(acc) (acc)
+#else
+#define DP16(acc, u, s) _mm256_add_epi16((acc), _mm256_maddubs_epi16((u), (s)))
+#define WIDEN16(acc) _mm256_madd_epi16((acc), _mm256_set1_epi16(1))
+#endif
 /* AMD's cores gather slowly (Zen 4: a vpgatherdd of eight dwords took ~a fifth of rows8_q4's time per block);
  * eight scalar loads do it there (rows8_dwords, rows8_d_ps). -march=native names AMD's cores znver1..5
  * (GCC 12 calls Zen 4 znver3); Intel's gathers are fast enough (scalar loads: 0.90-1.00x there). */
@@ -386,7 +399,7 @@ static void xq_quantize(const float *x, int64_t cols, int64_t group, gale_xq *xq
             xq->sum16[i16] = hsum_i32(_mm256_add_epi32(a[0], a[1]));
             xq->sum16[i16 + 1] = hsum_i32(_mm256_add_epi32(a[2], a[3]));
             xq->sum32[i16 / 2] = xq->sum16[i16] + xq->sum16[i16 + 1];
-            if (group == 32 || GALE_VNNI) store_planes(a, xq, g * group + c); /* read by the eight-row kernels */
+            store_planes(a, xq, g * group + c); /* read by the eight-row kernels */
             if (group == 32) { /* the 32-wide kinds' offsets */
                 xq->minus8[8 * (i16 / 2)] = -8 * xq->sum32[i16 / 2];
                 xq->sum[i16 / 2] = s * (float)xq->sum32[i16 / 2];
@@ -538,10 +551,12 @@ static inline __m256 rows8_d_ps(const uint8_t *p, int64_t stride, __m256i offset
  * offsets m gathered with d, the dword's high half, times s sum(a)).
  *
  * One body for two widths (a macro: C has no templates): rows8_q4, eight rows in 256-bit vectors (P = _mm256,
- * SI = si256, DP the VNNI instruction or its AVX2 pair), and with AVX512-VNNI rows16_q4, sixteen rows in 512-bit
- * ones, which takes batches of three or more (half the instructions per row: rows_dot). Each lane's integer
- * sums and fp32 operations are the same in both, so products are bit for bit alike. */
-#define ROWS_Q4(NAME, R, VI, VF, P, SI, DP, TRANSPOSE, DWORDS, HALVES_PS, D_PS) \
+ * SI = si256, DP / WIDEN = DP16 / WIDEN16: without VNNI int16 sums widened once per block), and with
+ * AVX512-VNNI rows16_q4, sixteen rows in 512-bit ones, which takes batches of three or more (half the
+ * instructions per row: rows_dot). Each lane's integer sums and fp32 operations are the same in all of them, so
+ * products are bit for bit alike (Zen 3, one Q4_0 GEMV of the 7B shapes: DP16 against DPBUSD's AVX2 pair 1.05x
+ * at one vector on two threads from DRAM, 1.14x on one thread from L3, 1.11x at four vectors). */
+#define ROWS_Q4(NAME, R, VI, VF, P, SI, DP, WIDEN, TRANSPOSE, DWORDS, HALVES_PS, D_PS) \
 static inline __attribute__((always_inline)) void NAME(int64_t kind, const uint8_t *row0, int64_t stride, \
                                                        const gale_xq *xq, int64_t nb, const int N, float *out, \
                                                        int64_t out_stride) { \
@@ -556,7 +571,7 @@ static inline __attribute__((always_inline)) void NAME(int64_t kind, const uint8
         VI T[4]; \
         TRANSPOSE(q, stride, T); \
         VI ph[ROWS8_VECTORS], pl[ROWS8_VECTORS]; \
-        for (int v = 0; v < N; v++) ph[v] = z, pl[v] = kind == GALE_Q4_0 ? P##_set1_epi32(xq[v].minus8[8 * b]) : z; \
+        for (int v = 0; v < N; v++) ph[v] = pl[v] = z; \
         for (int k = 0; k < 4; k++) { \
             VI lo = P##_and_##SI(T[k], nibble), hi = P##_and_##SI(P##_srli_epi16(T[k], 4), nibble); \
             for (int v = 0; v < N; v++) { \
@@ -575,7 +590,8 @@ static inline __attribute__((always_inline)) void NAME(int64_t kind, const uint8
             d = D_PS(blk, stride, offsets); \
         } \
         for (int v = 0; v < N; v++) { \
-            VI p = P##_add_epi32(P##_slli_epi32(ph[v], 8), pl[v]); \
+            VI p = P##_add_epi32(P##_slli_epi32(WIDEN(ph[v]), 8), WIDEN(pl[v])); \
+            if (kind == GALE_Q4_0) p = P##_add_epi32(p, P##_set1_epi32(xq[v].minus8[8 * b])); \
             acc[v] = P##_fmadd_ps(P##_cvtepi32_ps(p), P##_mul_ps(d, P##_set1_ps(xq[v].scale[b])), acc[v]); \
             if (kind == GALE_Q4_1) acc[v] = P##_fmadd_ps(m, P##_set1_ps(xq[v].sum[b]), acc[v]); \
         } \
@@ -583,7 +599,7 @@ static inline __attribute__((always_inline)) void NAME(int64_t kind, const uint8
     for (int v = 0; v < N; v++) P##_storeu_ps(out + v * out_stride, acc[v]); \
 }
 
-ROWS_Q4(rows8_q4, 8, __m256i, __m256, _mm256, si256, DPBUSD, transpose_rows8_16, rows8_dwords, halves8_ps,
+ROWS_Q4(rows8_q4, 8, __m256i, __m256, _mm256, si256, DP16, WIDEN16, transpose_rows8_16, rows8_dwords, halves8_ps,
         rows8_d_ps)
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -617,8 +633,9 @@ static inline __m512 rows16_d_ps(const uint8_t *p, int64_t stride, __m256i offse
                               rows8_d_ps(p + 8 * stride, stride, offsets), 1);
 }
 
-ROWS_Q4(rows16_q4, 16, __m512i, __m512, _mm512, si512, _mm512_dpbusd_epi32, transpose_rows16_16, rows16_dwords,
-        halves16_ps, rows16_d_ps)
+#define WIDEN_NONE(acc) (acc)
+ROWS_Q4(rows16_q4, 16, __m512i, __m512, _mm512, si512, _mm512_dpbusd_epi32, WIDEN_NONE, transpose_rows16_16,
+        rows16_dwords, halves16_ps, rows16_d_ps)
 #else
 #define GALE_ROWS16 0
 #endif
@@ -645,6 +662,27 @@ static inline __m256i lane_byte(__m256i v, const int i) {
 static inline __m256i bit_to_4(__m256i v, const int bit) {
     __m256i moved = bit <= 4 ? _mm256_slli_epi16(v, 4 - bit) : _mm256_srli_epi16(v, bit - 4);
     return _mm256_and_si256(moved, _mm256_set1_epi8(0x10));
+}
+
+/* A 64-column step's sums into rows8_q45k's accumulators, sub-block 2j's (he, le: the planes' sums) times its
+ * scales sc0, 2j + 1's (ho, lo) times sc1 (lane r: row r's). VNNI: 256 (q . h) + (q . l) per sub-block is exact
+ * in int32 and below 2^24, so its fp32 conversion is too, and t accumulates sc (q . a) in fp32. Without it the
+ * int16 pair sums widen by a vpmaddwd with the scale in both halves of each lane, into exact int32 sums per
+ * plane (|H| <= 8 * 63 * 32 * 31 * 127 < 2^31), joined as 256 H + L at the super-block's end. */
+static inline __attribute__((always_inline)) void scaled_sums(__m256i he, __m256i ho, __m256i le, __m256i lo,
+                                                              __m256i sc0, __m256i sc1, __m256 *t, __m256i *H,
+                                                              __m256i *L) {
+#if GALE_VNNI
+    (void)H, (void)L;
+    __m256i p0 = _mm256_add_epi32(_mm256_slli_epi32(he, 8), le), p1 = _mm256_add_epi32(_mm256_slli_epi32(ho, 8), lo);
+    *t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_cvtepi32_ps(sc0), *t);
+    *t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_cvtepi32_ps(sc1), *t);
+#else
+    (void)t;
+    __m256i s0 = _mm256_or_si256(sc0, _mm256_slli_epi32(sc0, 16)), s1 = _mm256_or_si256(sc1, _mm256_slli_epi32(sc1, 16));
+    *H = _mm256_add_epi32(*H, _mm256_add_epi32(_mm256_madd_epi16(he, s0), _mm256_madd_epi16(ho, s1)));
+    *L = _mm256_add_epi32(*L, _mm256_add_epi32(_mm256_madd_epi16(le, s0), _mm256_madd_epi16(lo, s1)));
+#endif
 }
 
 /* Eight consecutive rows of Q4_K or Q5_K against N vectors, as rows8_q4 does Q4_0: out[v * out_stride + r] =
@@ -674,38 +712,41 @@ static inline __attribute__((always_inline)) void rows8_q45k(int64_t kind, const
         k_scales_mins_rows8(S, sm);
         if (kind == GALE_Q5_K) transpose_rows8(blk + 16, stride, QH);
         __m256 t[ROWS8_VECTORS]; /* sum_i sc_i (q . a)_i */
-        for (int v = 0; v < N; v++) t[v] = _mm256_setzero_ps();
+        __m256i H[ROWS8_VECTORS], L[ROWS8_VECTORS]; /* without VNNI: sum_i sc_i (q . h)_i, sum_i sc_i (q . l)_i */
+        for (int v = 0; v < N; v++) t[v] = _mm256_setzero_ps(), H[v] = L[v] = z;
+        const int steps = GALE_VNNI || kind == GALE_Q4_K ? 8 : 4; /* k steps per widening: DP16's bound */
         for (int j = 0; j < 4; j++) {
-            __m256i T[8];
-            transpose_rows8(blk + qs_at + 32 * j, stride, T);
-            __m256i he[ROWS8_VECTORS], le[ROWS8_VECTORS], ho[ROWS8_VECTORS], lo[ROWS8_VECTORS];
-            for (int v = 0; v < N; v++) he[v] = le[v] = ho[v] = lo[v] = z;
-            for (int k = 0; k < 8; k++) {
-                __m256i even = _mm256_and_si256(T[k], nibble), odd = _mm256_and_si256(_mm256_srli_epi16(T[k], 4), nibble);
-                if (kind == GALE_Q5_K) {
-                    even = _mm256_or_si256(even, bit_to_4(QH[k], 2 * j));
-                    odd = _mm256_or_si256(odd, bit_to_4(QH[k], 2 * j + 1));
-                }
-                for (int v = 0; v < N; v++) {
-                    const int8_t *h = xq[v].h + 256 * b + 64 * j + 4 * k, *l = xq[v].l + 256 * b + 64 * j + 4 * k;
-                    int32_t h0, h1, l0, l1;
-                    memcpy(&h0, h, 4), memcpy(&h1, h + 32, 4), memcpy(&l0, l, 4), memcpy(&l1, l + 32, 4);
-                    he[v] = DPBUSD(he[v], even, _mm256_set1_epi32(h0));
-                    ho[v] = DPBUSD(ho[v], odd, _mm256_set1_epi32(h1));
-                    le[v] = DPBUSD(le[v], even, _mm256_set1_epi32(l0));
-                    lo[v] = DPBUSD(lo[v], odd, _mm256_set1_epi32(l1));
-                }
-            }
             /* sub-blocks 2j, 2j + 1: bytes (2j) % 4, (2j + 1) % 4 of scale dword j / 2 */
-            __m256 sc0 = _mm256_cvtepi32_ps(lane_byte(sm[j / 2], (2 * j) % 4));
-            __m256 sc1 = _mm256_cvtepi32_ps(lane_byte(sm[j / 2], (2 * j + 1) % 4));
-            for (int v = 0; v < N; v++) {
-                __m256i p0 = _mm256_add_epi32(_mm256_slli_epi32(he[v], 8), le[v]);
-                __m256i p1 = _mm256_add_epi32(_mm256_slli_epi32(ho[v], 8), lo[v]);
-                t[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), sc0, t[v]);
-                t[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), sc1, t[v]);
+            __m256i sc0 = lane_byte(sm[j / 2], (2 * j) % 4), sc1 = lane_byte(sm[j / 2], (2 * j + 1) % 4);
+            __m256i he[ROWS8_VECTORS], le[ROWS8_VECTORS], ho[ROWS8_VECTORS], lo[ROWS8_VECTORS];
+            for (int half = 0; half < 2; half++) { /* 16 bytes (T[0..3]) at a time: fewer registers live */
+                __m256i T[4];
+                transpose_rows8_16(blk + qs_at + 32 * j + 16 * half, stride, T);
+                if (half == 0 || steps == 4)
+                    for (int v = 0; v < N; v++) he[v] = le[v] = ho[v] = lo[v] = z;
+                for (int i = 0; i < 4; i++) {
+                    const int k = 4 * half + i;
+                    __m256i even = _mm256_and_si256(T[i], nibble), odd = _mm256_and_si256(_mm256_srli_epi16(T[i], 4), nibble);
+                    if (kind == GALE_Q5_K) {
+                        even = _mm256_or_si256(even, bit_to_4(QH[k], 2 * j));
+                        odd = _mm256_or_si256(odd, bit_to_4(QH[k], 2 * j + 1));
+                    }
+                    for (int v = 0; v < N; v++) {
+                        const int8_t *h = xq[v].h + 256 * b + 64 * j + 4 * k, *l = xq[v].l + 256 * b + 64 * j + 4 * k;
+                        int32_t h0, h1, l0, l1;
+                        memcpy(&h0, h, 4), memcpy(&h1, h + 32, 4), memcpy(&l0, l, 4), memcpy(&l1, l + 32, 4);
+                        he[v] = DP16(he[v], even, _mm256_set1_epi32(h0));
+                        ho[v] = DP16(ho[v], odd, _mm256_set1_epi32(h1));
+                        le[v] = DP16(le[v], even, _mm256_set1_epi32(l0));
+                        lo[v] = DP16(lo[v], odd, _mm256_set1_epi32(l1));
+                    }
+                }
+                if (half == 1 || steps == 4)
+                    for (int v = 0; v < N; v++) scaled_sums(he[v], ho[v], le[v], lo[v], sc0, sc1, &t[v], &H[v], &L[v]);
             }
         }
+        if (!GALE_VNNI)
+            for (int v = 0; v < N; v++) t[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(H[v]), _mm256_set1_ps(256.f), _mm256_cvtepi32_ps(L[v]));
         __m256 d = halves8_ps(dm), dmin = halves8_ps(_mm256_srli_epi32(dm, 16));
         for (int v = 0; v < N; v++) {
             const int32_t *s32 = xq[v].sum32 + 8 * b;
@@ -756,13 +797,16 @@ static inline __attribute__((always_inline)) void rows8_q8(const uint8_t *row0, 
     for (int v = 0; v < N; v++) _mm256_storeu_ps(out + v * out_stride, acc[v]);
 }
 
-/* Kinds multiplied eight rows at a time. Q8_0 / Q4_K / Q5_K only with VNNI: without it (vpdpbusd as two AVX2
- * instructions) rows8_q45k ran 0.96-1.09x the per-row kernel at one vector and 0.71-0.78x at four (Intel,
- * -mno-avx512f -mno-avxvnni), where Q4_0's eight rows still gain; Q8_0's biased bytes would overflow
- * vpmaddubsw's int16 pair sums (2 * 255 * 127). Q6_K stays one row at a time (rows8 was 0.67-0.73x: NOTES). */
-static inline int rows8_kind(int64_t kind) {
-    return kind == GALE_Q4_0 || kind == GALE_Q4_1 || (GALE_VNNI && kind != GALE_Q6_K);
-}
+/* Kinds multiplied eight rows at a time: all but Q6_K (rows8 was 0.67-0.73x: NOTES), and Q8_0 only with VNNI: its
+ * biased bytes would overflow vpmaddubsw's int16 pair sums (2 * 255 * 127). */
+static inline int rows8_kind(int64_t kind) { return kind != GALE_Q6_K && (GALE_VNNI || kind != GALE_Q8_0); }
+
+/* Vectors per rows8_dot pass. Q4_K / Q5_K without VNNI take two: their eight accumulators of two vectors fill
+ * AVX2's 16 registers, and more spill (Zen 3, one Q4_K GEMV of the 7B shapes on two threads from DRAM, against
+ * the per-row kernel: one vector 1.15x, two 1.17x; three and four in one pass 0.85x / 0.92x, in passes of two
+ * 0.90x / 0.94x). Passes keep each vector's products independent of its batch, which choosing the per-row
+ * kernel for larger batches would not. */
+static inline int64_t rows8_vectors(int64_t kind) { return !GALE_VNNI && is_k(kind) ? 2 : ROWS8_VECTORS; }
 
 /* The eight-row kernels (rows8_kind) for n <= ROWS8_VECTORS vectors, each (kind, n) its own unrolled copy. */
 static void rows8_dot(int64_t kind, const uint8_t *row0, int64_t stride, const gale_xq *xq, int64_t nb, int64_t n,
@@ -1058,12 +1102,12 @@ static void gemv_int(const gale_qmat *const *ws, float *const *ys, int count, co
         const gale_xq *q = xq + is_k(w->kind) * n;
         float *y = ys[i];
         if (rows8_kind(w->kind) && w->rows % 8 == 0) {
-            const int64_t step = rows_step(w->kind, w->rows, n);
+            const int64_t step = rows_step(w->kind, w->rows, n), pass = rows8_vectors(w->kind);
 #pragma omp for schedule(static) nowait
             for (int64_t r = 0; r < w->rows; r += step)
-                for (int64_t v = 0; v < n; v += ROWS8_VECTORS)
+                for (int64_t v = 0; v < n; v += pass)
                     rows_dot(w->kind, step, w->blocks + r * stride, stride, q + v,
-                             nb, n - v < ROWS8_VECTORS ? n - v : ROWS8_VECTORS, y + v * w->rows + r, w->rows);
+                             nb, n - v < pass ? n - v : pass, y + v * w->rows + r, w->rows);
             continue;
         }
         if (w->kind == GALE_Q6_K && n == 1 && w->rows % 2 == 0 && cols >= Q6K_PAIR_COLS) {
