@@ -684,15 +684,15 @@ static inline __attribute__((always_inline)) void scaled_sums(__m256i he, __m256
 }
 
 /* Eight consecutive rows of Q4_K or Q5_K against N vectors, as rows8_q4 does Q4_0: out[v * out_stride + r] =
- * row r . x[v]. Per super-block, the rows' d | dmin and their 12 scale bytes come in four gathers and are
- * unpacked lane by lane (lane r: row r's sub-block scales sc_i and minimums m_i); per 64 columns j the rows'
- * 32 quant bytes are transposed in 4-byte groups (T[k] lane r = row r's bytes 4k..4k+3 of qs[32 j ..]), whose
- * low nibbles are sub-block 2j's columns 4k..4k+3 and high nibbles sub-block 2j+1's (Q5_K: bits 2j, 2j + 1 of
- * the same transposed qh bytes are their fifth bits). Example: row 2, j = 1, k = 5: T[5] lane 2 low nibbles =
- * W[2, 256 b + 64 + 20..23], meeting the planes' columns 64 + 20..23 of the group. Per sub-block each lane
- * holds q . a = 256 (q . h) + (q . l) exactly (|.| < 2^24 with q <= 31, so its fp32 conversion is exact);
- * sc_i (q . a)_i accumulates in fp32 over the eight sub-blocks, and m_i sum(a)_i in int32 (< 2^31, as in
- * row_dot_q45k); the super-block adds s (d sum - dmin msum). */
+ * row r . x[v]. Per super-block, the rows' first 16 bytes (d | dmin, then the 12 scale bytes) come in one
+ * transposition (head[i] lane r = row r's dword i) and are unpacked lane by lane (lane r: row r's sub-block
+ * scales sc_i and minimums m_i); per 64 columns j the rows' 32 quant bytes are transposed 16 bytes at a time in
+ * 4-byte groups (k = 4 half + i: T[i] lane r = row r's bytes 4k..4k+3 of qs[32 j ..]), whose low nibbles are
+ * sub-block 2j's columns 4k..4k+3 and high nibbles sub-block 2j+1's (Q5_K: bits 2j, 2j + 1 of the transposed
+ * qh bytes QH[k] are their fifth bits). Example: row 2, j = 1, k = 5 (half 1, i = 1): T[1] lane 2 low nibbles =
+ * W[2, 256 b + 64 + 20..23], meeting the planes' columns 64 + 20..23 of the group. The sub-blocks' q . h and
+ * q . l meet their scales in scaled_sums; m_i s sum(a)_i accumulates in fp32 (msum); the super-block adds
+ * s d sum - dmin msum. */
 static inline __attribute__((always_inline)) void rows8_q45k(int64_t kind, const uint8_t *row0, int64_t stride,
                                                              const gale_xq *xq, int64_t nb, const int N, float *out,
                                                              int64_t out_stride) {
@@ -1220,10 +1220,10 @@ static inline cols16 c16_sll(cols16 a, int n) { return (cols16){_mm256_slli_epi3
  * with a and b where `to` says: what the integer GEMM multiplies (gale_gemm_int). */
 static inline __attribute__((always_inline)) void put16(cols16 q, float a, float b, void *dst, int64_t c,
                                                         const int mode, const put_scales *to) {
-    if (mode == PUT_INT) to->scale[(c >> to->shift) * to->stride] = a, to->off[(c >> to->shift) * to->stride] = b;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     if (mode == PUT_INT) {
         _mm256_storeu_si256((__m256i *)((int16_t *)dst + c), _mm512_cvtepi32_epi16(q));
+        to->scale[(c >> to->shift) * to->stride] = a, to->off[(c >> to->shift) * to->stride] = b;
         return;
     }
     __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(a), _mm512_cvtepi32_ps(q), _mm512_set1_ps(b));
@@ -1231,12 +1231,7 @@ static inline __attribute__((always_inline)) void put16(cols16 q, float a, float
         _mm256_storeu_si256((__m256i *)((uint16_t *)dst + c), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     else
         _mm512_storeu_ps((float *)dst + c, v);
-#else
-    if (mode == PUT_INT) { /* packs interleaves the halves' 128-bit lanes; the permute undoes it */
-        __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(q.lo, q.hi), 0xd8);
-        _mm256_storeu_si256((__m256i *)((int16_t *)dst + c), packed);
-        return;
-    }
+#else /* PUT_INT: only gale_gemm_int asks for it, in AVX512-VNNI builds */
     __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
     __m256 lo = _mm256_fmadd_ps(va, _mm256_cvtepi32_ps(q.lo), vb), hi = _mm256_fmadd_ps(va, _mm256_cvtepi32_ps(q.hi), vb);
     if (mode == PUT_F16) {
